@@ -1,0 +1,192 @@
+"""Command lines: ``bitdance-rt`` (generate) and ``bitdance-export`` (make-tiny, export, check).
+
+Thin typer layers: they parse, call the library and print. A :class:`BitDanceError` is printed
+as one line (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import BitDanceError
+
+rt_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                     help="Generate images with BitDance over a choice of backends.")
+export_app = typer.Typer(add_completion=False, invoke_without_command=True,
+                         help="Export BitDance checkpoints to deployable graphs; make test models.")
+
+DEBUG = {"on": False}
+
+
+def friendly_errors(fn):
+    """Turn BitDanceError (and bad values) into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (BitDanceError, ValueError) as e:
+            if DEBUG["on"] or os.environ.get("BITDANCE_DEBUG"):
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr over AR steps."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label = label
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * done / total)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] "
+                         f"{done}/{total} {elapsed:6.1f}s")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bitdance-rt"
+
+
+def builtin_tiny_checkpoint() -> Path:
+    """The built-in tiny random model, made on first use under the user's cache directory."""
+    from .tiny import make_tiny
+
+    path = default_cache_dir() / "tiny-4x-seed0"
+    if not (path / "tokenizer.json").is_file():
+        typer.echo(f"making the built-in tiny model in {path} (first use)", err=True)
+        make_tiny(path, parallel_num=4, seed=0)
+    return path
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(n)]
+
+
+def save_png(image, path: Path, meta: dict) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(k, str(v))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, pnginfo=info)
+
+
+def resolve_device_dtype(device: Optional[str], dtype: Optional[str]):
+    import torch
+
+    from .checkpoint import DTYPES
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BitDanceError("--device cuda was asked for but no CUDA device is visible; "
+                            "use --device cpu")
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in DTYPES:
+        raise BitDanceError(f"--dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+    return device, DTYPES[dtype], dtype
+
+
+@rt_app.callback()
+def rt_main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    DEBUG["on"] = debug
+
+
+@rt_app.command()
+@friendly_errors
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="Checkpoint directory (released layout). "
+        "Default: a built-in tiny random model, for trying the tool."),
+    height: int = typer.Option(1024, help="Image height in pixels (a supported size)."),
+    width: int = typer.Option(1024, help="Image width in pixels (a supported size)."),
+    steps: int = typer.Option(50, help="Head sampling steps N (25 is the fast setting)."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale; 1.0 disables it."),
+    seed: int = typer.Option(42, help="Random seed (same seed, same image)."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(
+        None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)."),
+    out: Path = typer.Option(Path("bitdance.png"), "--out", "-o",
+                             help="Output PNG; with several images _0, _1, ... are appended."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+):
+    """Generate images from a text prompt and write PNG files (settings in PNG metadata)."""
+    from .checkpoint import load_checkpoint
+    from .pipeline import GenerationRequest, ReferencePipeline
+
+    dev, torch_dtype, dtype_name = resolve_device_dtype(device, dtype)
+    req = GenerationRequest(prompt=prompt, height=height, width=width, steps=steps,
+                            guidance=guidance, seed=seed, num_images=num_images)
+    req.validate()
+    if checkpoint is None:
+        checkpoint = builtin_tiny_checkpoint()
+        typer.echo(f"no --checkpoint given: using the built-in tiny RANDOM-WEIGHT model at "
+                   f"{checkpoint}; its images are noise patterns, not pictures", err=True)
+    model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev)
+    pipe = ReferencePipeline(model)
+    images = pipe.generate(req, on_step=ProgressBar("AR steps", progress))
+    meta = {"prompt": prompt, "seed": seed, "height": height, "width": width, "steps": steps,
+            "guidance": guidance, "checkpoint": str(checkpoint), "dtype": dtype_name,
+            "device": dev, "model": model.spec.name, "software": "bitdance-rt"}
+    for i, path in enumerate(output_paths(out, num_images)):
+        save_png(images[i].numpy(), path, {**meta, "image_index": i})
+        typer.echo(str(path))
+
+
+@export_app.callback()
+def export_main(ctx: typer.Context,
+                debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    DEBUG["on"] = debug
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+@export_app.command("make-tiny")
+@friendly_errors
+def make_tiny_cmd(
+    out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint into."),
+    parallel_num: int = typer.Option(4, "--parallel-num", help="Tokens per AR step: 4, 16, 64."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    gan_decoder: bool = typer.Option(False, "--gan-decoder", help="Use the gan-decoder variant."),
+):
+    """Write a tiny random-weight checkpoint in exactly the released layout (float32)."""
+    from .tiny import make_tiny
+
+    path = make_tiny(out_dir, parallel_num=parallel_num, seed=seed, gan_decoder=gan_decoder)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    typer.echo(f"wrote {path} ({size / 1e6:.1f} MB, P = {parallel_num})")
+
+
+def rt_entry():
+    rt_app()
+
+
+def export_entry():
+    export_app()

@@ -1,0 +1,144 @@
+"""Ahead-of-time compilation of the KV-attention Triton kernel for Hopper (sm_90a), no GPU needed.
+
+Used to check register/shared-memory budgets now and, later, to embed the cubin in a
+TensorRT plugin. ``triton.compile`` with an explicit ``GPUTarget`` runs the whole
+pipeline (ttir -> ttgir -> llir -> ptx -> cubin) on the host; the register and spill
+counts normally come from the CUDA driver at load time, so we re-run the wheel's
+``ptxas -v`` on the PTX to read them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+_TL_DTYPES = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16",
+              "bf16": "bf16", "bfloat16": "bf16"}
+
+# Argument types of _kv_attn_kernel in order, with "{dt}" for the activation dtype.
+_PTR_ARGS = ("Q", "KN", "VN", "KC", "VC")
+_STRIDE_ARGS = ("sq_b", "sq_h", "sq_t", "skn_b", "skn_h", "skn_t", "svn_b", "svn_h", "svn_t",
+                "skc_b", "skc_h", "skc_s", "svc_b", "svc_h", "svc_s", "so_b", "so_h", "so_t")
+
+
+def _jit_function():
+    """The kernel as a JITFunction, even when TRITON_INTERPRET=1 wrapped it for the CPU."""
+    from triton.runtime.jit import JITFunction
+
+    from .triton_attention import _kv_attn_kernel
+    return _kv_attn_kernel if isinstance(_kv_attn_kernel, JITFunction) else JITFunction(_kv_attn_kernel.fn)
+
+
+def _ptxas_usage(ptx: str, arch: str) -> dict:
+    """Run ptxas -v on ``ptx`` and parse registers / spills / stack (empty dict if ptxas is missing)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception:  # pragma: no cover - depends on the triton build
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # Same flags triton uses for sm_90 so the numbers match the cubin it produced.
+        cmd = [ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src,
+               "-o", os.path.join(tmp, "k.cubin")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    out = {"ptxas_log": log}
+    if m := re.search(r"Used (\d+) registers", log):
+        out["n_regs"] = int(m.group(1))
+    if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log):
+        out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
+        out["n_spills"] = out["spill_stores"] + out["spill_loads"]
+    if m := re.search(r"(\d+) bytes stack frame", log):
+        out["stack_bytes"] = int(m.group(1))
+    return out
+
+
+def compile_for_hopper(dtype: str = "bf16", head_dim: int = 128, group: int = 5, causal: bool = False,
+                       block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                       num_stages: int | None = None, m_total: int = 320, lens_dtype: str = "i32",
+                       arch: int = 90) -> dict:
+    """AOT-compile ``_kv_attn_kernel`` for sm_``arch`` and return its metadata.
+
+    Block sizes default to ``pick_config(m_total, head_dim, dtype)``, i.e. what the launcher
+    uses for a packed query length ``m_total = G * T`` (320 = one 14B step, G=5, T=64).
+    Returns a dict with ``name``, ``ptx`` (str), ``cubin`` (bytes), ``shared`` (bytes of
+    shared memory Triton allocates), ``num_warps``, ``num_stages``, ``block_m``, ``block_n``
+    and, when the wheel's ptxas is usable, ``n_regs``, ``n_spills`` (spill store+load
+    bytes), ``stack_bytes``. Raises if this triton build has no CUDA backend.
+
+    Under ``TRITON_INTERPRET=1`` triton's frontend is patched for the CPU interpreter and
+    cannot emit GPU IR, so the compile then runs in a child process without that variable.
+    """
+    kwargs = dict(dtype=dtype, head_dim=head_dim, group=group, causal=causal, block_m=block_m,
+                  block_n=block_n, num_warps=num_warps, num_stages=num_stages, m_total=m_total,
+                  lens_dtype=lens_dtype, arch=arch)
+    from triton import knobs
+    if knobs.runtime.interpret:
+        return _compile_in_subprocess(kwargs)
+    return _compile(**kwargs)
+
+
+def _compile_in_subprocess(kwargs: dict) -> dict:
+    import pickle
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    code = ("import pickle, sys; from bitdance_rt.plugins.aot import compile_for_hopper; "
+            "kw = pickle.load(sys.stdin.buffer); sys.stdout.buffer.write(pickle.dumps(compile_for_hopper(**kw)))")
+    res = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env,
+                         capture_output=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"AOT compile subprocess failed:\n{res.stderr.decode(errors='replace')[-4000:]}")
+    return pickle.loads(res.stdout)
+
+
+def _compile(dtype, head_dim, group, causal, block_m, block_n, num_warps, num_stages, m_total,
+             lens_dtype, arch) -> dict:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .triton_attention import pick_config
+
+    dt = _TL_DTYPES[dtype]
+    torch_dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    cfg = pick_config(m_total, head_dim, torch_dt)
+    block_m = block_m or cfg["BLOCK_M"]
+    block_n = block_n or cfg["BLOCK_N"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+
+    sig = {name: f"*{dt}" for name in _PTR_ARGS}
+    sig["LENS"] = f"*{lens_dtype}"
+    sig["OUT"] = f"*{dt}"
+    sig.update({name: "i32" for name in _STRIDE_ARGS})
+    sig.update(T="i32", N_KV_HEADS="i32", qk_scale="fp32")
+    constexprs = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                      BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, WRITE_KV=True,
+                      DOT_PRECISION="ieee" if dt == "fp32" else "tf32", DOT_UPCAST=False)
+    sig.update({name: "constexpr" for name in constexprs})
+    fn = _jit_function()
+    # What the JIT launcher would infer for real tensors: 16-byte aligned pointers and
+    # strides divisible by 16 (true for contiguous [B, H, L, D] with D in {32, 64, 128}).
+    # Without these hints loads are not vectorised and the kernel spills heavily.
+    aligned = _PTR_ARGS + ("LENS", "OUT") + _STRIDE_ARGS
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature={k: sig[k] for k in fn.arg_names}, constexprs=constexprs,
+                                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
+    md = compiled.metadata
+    ptx = compiled.asm["ptx"]
+    info = dict(name=compiled.name, ptx=ptx, cubin=compiled.asm.get("cubin"), shared=md.shared,
+                num_warps=md.num_warps, num_stages=md.num_stages, block_m=block_m, block_n=block_n,
+                arch=arch)
+    ptx_target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    info.update(_ptxas_usage(ptx, ptx_target.group(1) if ptx_target else f"sm_{arch}a"))
+    return info

@@ -1,0 +1,75 @@
+"""The head sampler: Euler-Maruyama steps with a final Euler step (SPEC section 2).
+
+Arithmetic is written in the reference's order of operations (float32 throughout) so that a CPU
+float32 run reproduces the reference bit for bit; every backend uses these helpers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAST_STEP = 0.05
+T_FINAL = 1 - LAST_STEP
+
+
+def time_grid(num_steps: int, time_shift: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Times ``t_k`` (as accumulated by the sampler) and steps ``dt_k``, float32 0-d tensors."""
+    if num_steps < 1:
+        raise ValueError(f"the head needs at least 1 sampling step, got {num_steps}")
+    grid = torch.linspace(0, T_FINAL, num_steps + 1, dtype=torch.float32)
+    grid = (1 / time_shift) / ((1 / time_shift) + (1 / grid - 1) ** 1.0)
+    dts = list(grid[1:] - grid[:-1])
+    t = torch.tensor(0.0, dtype=torch.float32)
+    ts = []
+    for dt in dts:
+        ts.append(t.clone())
+        t += dt
+    return ts, dts
+
+
+def draw_block_noise(batch: int, tokens: int, channels: int, num_steps: int,
+                     device, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The random tensors of one image block, in the reference order: x_0, then one per step."""
+    shape = (batch, tokens, channels)
+    return [torch.randn(shape, device=device, generator=generator) for _ in range(num_steps + 1)]
+
+
+def velocity(out: torch.Tensor, x_in: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+    """``(f - x_t) / max(1 - t, 0.05)``, t per row ``[R]``."""
+    return (out - x_in) / (1 - t_rows.view(-1, 1, 1)).clamp_min(LAST_STEP)
+
+
+def guide(v: torch.Tensor, guidance: float, cfg_mult: int) -> torch.Tensor:
+    if cfg_mult == 2:
+        cond, uncond = torch.chunk(v, 2, dim=0)
+        return uncond + guidance * (cond - uncond)
+    return v
+
+
+def em_update(x, v, t, dt, noise):
+    """One Euler-Maruyama update given the guided velocity (reference operation order)."""
+    var = (1 - t) ** 2 - (t / 1 * -1) * (1 - t)
+    score = (t / 1 * v - x) / var
+    drift = v + (1 - t) * score
+    return x + drift * dt + (2.0 * (1.0 - t) * dt) ** 0.5 * noise
+
+
+def sample_block(net, cond: torch.Tensor, noise: list[torch.Tensor], guidance: float,
+                 ts, dts) -> torch.Tensor:
+    """Run the head sampler for one block; ``cond`` ``[R, P, H]`` with R = B or 2B (CFG).
+
+    Returns x ``[B, P, 32]`` (float32, before ``sign``).
+    """
+    cfg_mult = 2 if guidance > 1.0 else 1
+    x = noise[0]
+    t_rows = torch.zeros(cond.shape[0], device=cond.device)
+    for i in range(len(dts)):
+        t_rows[:] = ts[i]
+        x_in = torch.cat([x] * cfg_mult, dim=0)
+        v = velocity(net(x_in, t_rows, cond).float(), x_in, t_rows)
+        x = em_update(x, guide(v, guidance, cfg_mult), ts[i].to(x.device), dts[i].to(x.device),
+                      noise[i + 1])
+    t_rows[:] = T_FINAL
+    x_in = torch.cat([x] * cfg_mult, dim=0)
+    v = velocity(net(x_in, t_rows, cond).float(), x_in, t_rows)
+    return x + guide(v, guidance, cfg_mult) * LAST_STEP

@@ -1,0 +1,134 @@
+"""Tiny random-weight checkpoints in exactly the released layout (``bitdance-export make-tiny``).
+
+They keep every structural feature of the real model (Qwen3 with GQA and q/k norms, the
+diffusion head with shared adaLN, a 5-level autoencoder with 16x downsampling, the projector, a
+tokenizer with every special token) at a size that runs in seconds on a CPU, and they open with
+Hugging Face transformers so the authors' pipeline can run on them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BitDanceError
+
+SPECIAL_TOKENS = (
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+    + [f"<|res_{k}|>" for k in range(1, 257)]
+    + [f"<|query_{k}|>" for k in range(1, 64)]
+)
+TINY_VOCAB = 640  # 256 byte tokens + the special tokens, padded to a multiple of 64
+SUPPORTED_PARALLEL = (4, 16, 64)
+
+
+def build_tokenizer(out_dir: Path) -> None:
+    """A byte-level BPE tokenizer (Qwen's pre-tokenization, no merges) with the special tokens.
+
+    Writes ``tokenizer.json``, ``tokenizer_config.json``, ``vocab.json`` and ``merges.txt``.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    # The Qwen2/3 split pattern, then byte-level mapping.
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+               r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if tok.get_vocab_size() > TINY_VOCAB:
+        raise BitDanceError("tiny tokenizer outgrew TINY_VOCAB")
+    tok.save(str(out_dir / "tokenizer.json"))
+
+    added = {
+        str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                  "rstrip": False, "single_word": False, "special": True}
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n")
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, gen: torch.Generator) -> None:
+    """Deterministic random weights that keep activations O(1) through every layer."""
+    for name, p in module.named_parameters():
+        shape = p.shape
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            value = torch.randn(shape, generator=gen) * 0.02
+        elif p.dim() == 1:  # norm weights
+            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif "embed_tokens" in name:
+            value = torch.randn(shape, generator=gen)
+        else:
+            fan_in = p[0].numel()
+            value = torch.randn(shape, generator=gen) / fan_in ** 0.5
+        p.copy_(value.to(p.dtype))
+
+
+def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool = False) -> Path:
+    """Write a complete random-weight checkpoint (float32) to ``out_dir``; returns the path."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import _preset_tiny
+    from .models.autoencoder import BinaryAutoencoder
+    from .models.head import DiffusionHead
+    from .models.projector import Projector
+    from .models.qwen3 import Qwen3ForCausalLM
+
+    if parallel_num not in SUPPORTED_PARALLEL:
+        raise BitDanceError(
+            f"--parallel-num must be one of {list(SUPPORTED_PARALLEL)}, got {parallel_num}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = _preset_tiny(parallel_num)
+    ae_cfg = spec.ae.__class__(**{**spec.ae.__dict__, "gan_decoder": gan_decoder})
+    gen = torch.Generator().manual_seed(seed)
+
+    llm = Qwen3ForCausalLM(spec.llm)
+    head = DiffusionHead(spec.head)
+    ae = BinaryAutoencoder(ae_cfg)
+    proj = Projector(ae_cfg.z_channels, spec.llm.hidden_size)
+    for m in (llm, head, ae, proj):
+        randomize_(m, gen)
+    with torch.no_grad():  # a less saturated output keeps tiny images in the uint8 range
+        ae.decoder.conv_out.weight.mul_(0.3)
+
+    def save(module: nn.Module, name: str):
+        tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+
+    (out / "config.json").write_text(json.dumps(spec.llm.to_hf_dict(), indent=2))
+    save(llm, "model.safetensors")
+    (out / "ae_config.json").write_text(json.dumps(ae_cfg.to_json_dict(), indent=2))
+    save(ae, "ae.safetensors")
+    (out / "vision_head_config.json").write_text(json.dumps(spec.head.to_dict(), indent=2))
+    save(head, "vision_head.safetensors")
+    save(proj, "projector.safetensors")
+    build_tokenizer(out)
+    return out

@@ -1,0 +1,173 @@
+"""Checkpoint layout, strict loading, presets and the tiny checkpoint."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bitdance_rt.checkpoint import load_checkpoint, preset, random_model
+from bitdance_rt.errors import CheckpointError
+from bitdance_rt.models.autoencoder import BinaryAutoencoder
+from bitdance_rt.models.head import DiffusionHead
+from bitdance_rt.models.qwen3 import Qwen3ForCausalLM
+from bitdance_rt.tiny import SPECIAL_TOKENS, make_tiny
+
+RELEASED_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                  "ae_config.json", "ae.safetensors", "vision_head_config.json",
+                  "vision_head.safetensors", "projector.safetensors"}
+
+
+def nparams(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name,p", [("14b-64x", 64), ("14b-16x", 16), ("14b", 64)])
+def test_14b_presets_have_released_sizes(name, p):
+    spec = preset(name)
+    assert spec.parallel_num == p
+    with torch.device("meta"):
+        llm, head, ae = Qwen3ForCausalLM(spec.llm), DiffusionHead(spec.head), BinaryAutoencoder(spec.ae)
+    assert 14.6e9 < nparams(llm) < 15.0e9  # Qwen3-14B: ~14.8 B with embeddings and lm_head
+    assert 1.74e9 < nparams(head) < 1.78e9
+    assert 0.44e9 < nparams(ae) < 0.48e9
+    assert 0.25e9 < nparams(ae.decoder) < 0.27e9
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(CheckpointError, match="14b-64x"):
+        preset("13b")
+
+
+def test_tiny_layout_and_size(tiny_ckpt):
+    names = {f.name for f in tiny_ckpt.iterdir()}
+    assert RELEASED_FILES <= names
+    assert sum(f.stat().st_size for f in tiny_ckpt.iterdir()) <= 20e6
+    head_cfg = json.loads((tiny_ckpt / "vision_head_config.json").read_text())
+    assert list(head_cfg) == ["ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln",
+                              "use_swiglu", "parallel_num", "time_shift", "time_schedule",
+                              "P_mean", "P_std", "diff_batch_mul", "grad_checkpointing"]
+    ae_cfg = json.loads((tiny_ckpt / "ae_config.json").read_text())
+    assert len(ae_cfg["ddconfig"]["ch_mult"]) == 5 and ae_cfg["gan_decoder"] is False
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["architectures"] == ["Qwen3ForCausalLM"]
+    for f in ("model.safetensors", "ae.safetensors", "vision_head.safetensors"):
+        assert all(v.dtype == torch.float32 for v in load_file(tiny_ckpt / f).values())
+
+
+def test_tiny_is_deterministic(tmp_path, tiny_ckpt):
+    again = make_tiny(tmp_path / "again", parallel_num=4, seed=0)
+    a, b = load_file(tiny_ckpt / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = make_tiny(tmp_path / "other", parallel_num=4, seed=5)
+    c = load_file(other / "vision_head.safetensors")
+    assert not torch.equal(c["net.cond_embed.weight"],
+                           load_file(tiny_ckpt / "vision_head.safetensors")["net.cond_embed.weight"])
+
+
+def test_tiny_rejects_bad_parallel(tmp_path):
+    with pytest.raises(Exception, match="4, 16, 64"):
+        make_tiny(tmp_path, parallel_num=8)
+
+
+def test_tokenizer_matches_transformers(tiny_ckpt):
+    transformers = pytest.importorskip("transformers")
+    ours = load_checkpoint(tiny_ckpt).tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(tiny_ckpt)
+    for text in ["<|im_start|>user\nA café at 3am, neon “signs” 東京<|im_end|>\n<|im_start|>assistant\n",
+                 "<|im_start|>assistant\n", "plain  text\twith\nnewlines 12345"]:
+        assert ours.encode(text) == theirs.encode(text)
+    for tok in SPECIAL_TOKENS:
+        assert ours.token_id(tok) == theirs.convert_tokens_to_ids(tok)
+
+
+def test_opens_with_transformers(tiny_ckpt):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.Qwen3ForCausalLM.from_pretrained(tiny_ckpt)
+    ours = load_checkpoint(tiny_ckpt).llm
+    assert nparams(model) == nparams(ours)
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_file_is_named(tmp_path, tiny_ckpt):
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    (d / "vision_head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="vision_head.safetensors is missing"):
+        load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_missing_key_is_named(tmp_path, tiny_ckpt):
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    sd = load_file(d / "projector.safetensors")
+    del sd["fc2.bias"]
+    save_file(sd, d / "projector.safetensors")
+    with pytest.raises(CheckpointError, match=r"projector.safetensors.*'fc2.bias'"):
+        load_checkpoint(d)
+
+
+def test_unexpected_key_is_named(tmp_path, tiny_ckpt):
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    sd = load_file(d / "vision_head.safetensors")
+    sd["net.extra.weight"] = torch.zeros(2)
+    save_file(sd, d / "vision_head.safetensors")
+    with pytest.raises(CheckpointError, match=r"vision_head.safetensors.*net.extra.weight"):
+        load_checkpoint(d)
+
+
+def test_wrong_shape_is_named(tmp_path, tiny_ckpt):
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    sd = load_file(d / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    sd[key] = sd[key][:-1].contiguous()
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.*{key}.*shape"):
+        load_checkpoint(d)
+
+
+def test_sharded_checkpoint_loads_same(tmp_path, tiny_ckpt):
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half],
+              "model-00002-of-00002.safetensors": keys[half:]}
+    weight_map = {}
+    for name, ks in shards.items():
+        save_file({k: sd[k].to(torch.bfloat16) for k in ks}, d / name)
+        weight_map.update({k: name for k in ks})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    m = load_checkpoint(d, dtype=torch.float32)
+    w = m.llm.model.layers[0].self_attn.q_proj.weight
+    assert w.dtype == torch.float32
+    assert torch.equal(w, sd["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16).float())
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
+        load_checkpoint(d)
+
+
+def test_head_config_keys_checked(tmp_path, tiny_ckpt):
+    d = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    cfg = json.loads((d / "vision_head_config.json").read_text())
+    cfg["depth"] = 3
+    (d / "vision_head_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="extra.*depth"):
+        load_checkpoint(d)
+
+
+def test_dtype_conversion(tiny_ckpt):
+    m = load_checkpoint(tiny_ckpt, dtype=torch.bfloat16)
+    assert m.head.net.cond_embed.weight.dtype == torch.bfloat16
+    assert m.ae.decoder.conv_in.weight.dtype == torch.bfloat16
+
+
+def test_random_model_any_preset():
+    m = random_model(preset("tiny"), seed=3)
+    assert m.llm.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
