@@ -278,7 +278,7 @@ def random_model(spec: ModelSpec, dtype=torch.float32, device="cpu", seed: int =
     from .tiny import randomize_
 
     device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
     parts = []
     for factory in (lambda: Qwen3ForCausalLM(spec.llm), lambda: DiffusionHead(spec.head),
                     lambda: BinaryAutoencoder(spec.ae),

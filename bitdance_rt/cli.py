@@ -42,22 +42,32 @@ def friendly_errors(fn):
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr over AR steps."""
+    """A one-line progress bar on stderr over AR steps (redrawn at most ~10 times a second;
+    on a non-terminal, one line per 10%)."""
 
     def __init__(self, label: str, enabled: bool = True):
         self.label = label
         self.enabled = enabled
+        self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
+        self.last = -1.0
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
+        now = time.perf_counter()
+        if self.tty:
+            if done < total and now - self.last < 0.1:
+                return
+        elif done < total and (10 * done) // total == (10 * (done - 1)) // total:
+            return
+        self.last = now
         width = 30
         fill = int(width * done / total)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] "
-                         f"{done}/{total} {elapsed:6.1f}s")
-        if done == total:
+        line = (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+                f"{now - self.start:6.1f}s")
+        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+        if self.tty and done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
@@ -135,11 +145,20 @@ def generate(
         None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)."),
     out: Path = typer.Option(Path("bitdance.png"), "--out", "-o",
                              help="Output PNG; with several images _0, _1, ... are appended."),
+    backend: str = typer.Option("torch", help="torch (fast loop), reference (the eager "
+                                "baseline) or onnxruntime (needs --engine-dir)."),
+    engine_dir: Optional[Path] = typer.Option(
+        None, "--engine-dir", help="Directory written by bitdance-export (onnxruntime)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+                                     help="Replay the head loop and block step as CUDA graphs."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the head (torch)."),
+    timings: bool = typer.Option(False, "--timings", help="Print a per-stage timing table."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ):
     """Generate images from a text prompt and write PNG files (settings in PNG metadata)."""
     from .checkpoint import load_checkpoint
-    from .pipeline import GenerationRequest, ReferencePipeline
+    from .pipeline import GenerationRequest
+    from .runtime import StageTimer
 
     dev, torch_dtype, dtype_name = resolve_device_dtype(device, dtype)
     req = GenerationRequest(prompt=prompt, height=height, width=width, steps=steps,
@@ -150,14 +169,46 @@ def generate(
         typer.echo(f"no --checkpoint given: using the built-in tiny RANDOM-WEIGHT model at "
                    f"{checkpoint}; its images are noise patterns, not pictures", err=True)
     model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev)
-    pipe = ReferencePipeline(model)
-    images = pipe.generate(req, on_step=ProgressBar("AR steps", progress))
+    runner = make_runner(backend, model, engine_dir, cuda_graphs, compile)
+    timer = StageTimer(dev, enabled=timings)
+    images = runner(req, ProgressBar("AR steps", progress), timer)
     meta = {"prompt": prompt, "seed": seed, "height": height, "width": width, "steps": steps,
             "guidance": guidance, "checkpoint": str(checkpoint), "dtype": dtype_name,
-            "device": dev, "model": model.spec.name, "software": "bitdance-rt"}
+            "device": dev, "backend": backend, "model": model.spec.name,
+            "software": "bitdance-rt"}
     for i, path in enumerate(output_paths(out, num_images)):
         save_png(images[i].numpy(), path, {**meta, "image_index": i})
         typer.echo(str(path))
+    if timings:
+        typer.echo(timer.table())
+
+
+BACKENDS = ("torch", "reference", "onnxruntime")
+
+
+def make_runner(backend: str, model, engine_dir, cuda_graphs: bool, compile: bool):
+    """A callable ``(request, on_step, timer) -> uint8 images`` for the chosen backend."""
+    from .pipeline import ReferencePipeline
+    from .runtime import generate as run_loop
+    from .runtime import plan_for
+
+    if backend == "reference":
+        pipe = ReferencePipeline(model)
+        return lambda req, on_step, timer: pipe.generate(req, on_step, timer)
+    if backend == "torch":
+        from .runtime.backends.torch_backend import TorchBackend
+
+        be = TorchBackend(model, cuda_graphs=cuda_graphs, compile=compile)
+    elif backend == "onnxruntime":
+        if engine_dir is None:
+            raise BitDanceError("--backend onnxruntime needs --engine-dir, a directory written "
+                                "by `bitdance-export`")
+        from .runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        be = OnnxRuntimeBackend(model, engine_dir)
+    else:
+        raise BitDanceError(f"unknown --backend {backend!r}; choose one of {list(BACKENDS)}")
+    return lambda req, on_step, timer: run_loop(be, plan_for(model, req), req.seed, timer, on_step)
 
 
 @export_app.callback()

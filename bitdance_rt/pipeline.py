@@ -121,6 +121,8 @@ def decode_tokens(model: BitDanceModel, tokens: torch.Tensor, h: int, w: int,
 class ReferencePipeline:
     """Eager generation with the authors' semantics (and their inefficiencies)."""
 
+    name = "reference"
+
     def __init__(self, model: BitDanceModel):
         self.model = model
         self.head_fn = HeadFn(model)
@@ -131,7 +133,7 @@ class ReferencePipeline:
         pos = torch.arange(start, start + t, device=embeds.device)[None].expand(embeds.shape[0], t)
         return self.model.llm.model(embeds.to(self.model.dtype), pos, cache, mode)
 
-    def _prefill(self, ids: list[int], batch: int):
+    def _prefill(self, ids, batch: int):
         m = self.model
         p = m.spec.parallel_num
         emb = m.llm.model.embed_tokens(torch.tensor(ids, device=m.device))
@@ -141,37 +143,71 @@ class ReferencePipeline:
         hidden = self._llm(cache, emb[:, -p:], "block")
         return cache, hidden
 
-    @torch.no_grad()
-    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None):
-        """uint8 images ``[B, H, W, 3]`` (CPU)."""
-        h, w = req.validate()
-        return decode_tokens(self.model, self.generate_tokens(req, on_step), h, w)
+    def weight_bytes(self) -> dict:
+        from .runtime.timing import module_bytes
+
+        llm = self.model.llm.model
+        layers = module_bytes(llm.layers) + module_bytes(llm.norm)
+        return {"llm": layers, "projector": module_bytes(self.model.projector),
+                "head": module_bytes(self.model.head), "decode": module_bytes(self.model.ae.decoder)}
 
     @torch.no_grad()
-    def generate_tokens(self, req: GenerationRequest, on_step: StepCallback | None = None):
+    def generate(self, req: GenerationRequest, on_step: StepCallback | None = None, timer=None):
+        """uint8 images ``[B, H, W, 3]`` (CPU)."""
+        from .runtime.loop import plan_for
+
+        return self.generate_plan(plan_for(self.model, req), req.seed, on_step, timer)
+
+    @torch.no_grad()
+    def generate_plan(self, plan, seed: int, on_step: StepCallback | None = None, timer=None):
+        from .runtime.timing import StageTimer
+
+        timer = timer or StageTimer(self.model.device, enabled=False)
+        timer.start()
+        tokens = self.generate_tokens(plan, seed, on_step, timer)
+        noise = None
+        if self.model.spec.ae.gan_decoder:
+            noise = torch.randn((plan.images, tokens.shape[-1], plan.h, plan.w),
+                                device=self.model.device)
+        with timer.stage("decode", weight_bytes=self.weight_bytes()["decode"]):
+            images = decode_tokens(self.model, tokens, plan.h, plan.w, noise)
+        timer.stop()
+        return images
+
+    @torch.no_grad()
+    def generate_tokens(self, plan, seed: int, on_step: StepCallback | None = None, timer=None):
         """The +-1 tokens ``[B, h*w, 32]`` in patch raster order (seeds the global generator)."""
+        from .runtime.timing import StageTimer
+
+        timer = timer or StageTimer(self.model.device, enabled=False)
         m = self.model
-        h, w = req.validate()
+        h, w, b = plan.h, plan.w, plan.images
         p = m.spec.parallel_num
-        b = req.num_images
-        torch.manual_seed(req.seed)
+        wb = self.weight_bytes()
+        n_seq = len(plan.seq_ids)
+        torch.manual_seed(seed)
         posemb = image_posemb(m.spec.llm.hidden_size, h, w, m.spec.patch).to(m.device)[None]
-        seqs = prompt_sequences(m, req, h, w)
-        caches, hiddens = zip(*(self._prefill(ids, b) for ids in seqs))
-        ts, dts = time_grid(req.steps, m.spec.head.time_shift)
+        with timer.stage("prefill", calls=2 * n_seq, weight_bytes=2 * n_seq * wb["llm"]):
+            caches, hiddens = zip(*(self._prefill(list(ids), b) for ids in plan.seq_ids))
+        ts, dts = time_grid(plan.steps, m.spec.head.time_shift)
         num_blocks = h * w // p
         out_tokens = []
         for k in range(num_blocks):
             pe = posemb[:, k * p:(k + 1) * p]
             cond = torch.cat(hiddens, dim=0) + pe
-            noise = draw_block_noise(b, p, m.spec.head.ch_target, req.steps, m.device)
-            x = sample_block(self.head_fn, cond, noise, req.guidance, ts, dts)
-            tokens = torch.sign(torch.cat([x] * len(seqs), dim=0))
+            noise = draw_block_noise(b, p, m.spec.head.ch_target, plan.steps, m.device)
+            with timer.stage("head", calls=plan.steps + 1,
+                             weight_bytes=(plan.steps + 1) * wb["head"]):
+                x = sample_block(self.head_fn, cond, noise, plan.guidance, ts, dts)
+            tokens = torch.sign(torch.cat([x] * n_seq, dim=0))
             out_tokens.append(tokens[:b])
-            embeds = m.projector(tokens.to(m.dtype)) + pe
-            hiddens = tuple(
-                self._llm(cache, embeds[i * b:(i + 1) * b], "block")
-                for i, cache in enumerate(caches))
+            # Like the authors' pipeline, this also runs after the last block (unused).
+            with timer.stage("block_step", calls=n_seq,
+                             weight_bytes=n_seq * wb["llm"] + wb["projector"]):
+                embeds = m.projector(tokens.to(m.dtype)) + pe
+                hiddens = tuple(
+                    self._llm(cache, embeds[i * b:(i + 1) * b], "block")
+                    for i, cache in enumerate(caches))
             if on_step:
                 on_step(k + 1, num_blocks)
         return torch.cat(out_tokens, dim=1)

@@ -7,6 +7,7 @@ float32 run reproduces the reference bit for bit; every backend uses these helpe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 LAST_STEP = 0.05
 T_FINAL = 1 - LAST_STEP
@@ -56,20 +57,57 @@ def em_update(x, v, t, dt, noise):
 
 def sample_block(net, cond: torch.Tensor, noise: list[torch.Tensor], guidance: float,
                  ts, dts) -> torch.Tensor:
-    """Run the head sampler for one block; ``cond`` ``[R, P, H]`` with R = B or 2B (CFG).
+    """The reference sampler for one block: ``net(x_t, t_rows, cond)`` per step.
 
-    Returns x ``[B, P, 32]`` (float32, before ``sign``).
+    ``cond`` ``[R, P, H]`` with R = B or 2B (CFG); returns x ``[B, P, 32]`` (float32, before
+    ``sign``).
     """
+    return run_sampler(lambda x_in, k, t_rows: net(x_in, t_rows, cond), cond.shape[0],
+                       cond.device, noise, guidance, ts, dts)
+
+
+def run_sampler(f, rows: int, device, noise, guidance, ts, dts) -> torch.Tensor:
+    """The sampler loop over ``f(x_in [R, P, 32], step k, t_rows [R]) -> x_0 prediction``:
+    N Euler-Maruyama steps, then the final Euler step (step index N)."""
     cfg_mult = 2 if guidance > 1.0 else 1
     x = noise[0]
-    t_rows = torch.zeros(cond.shape[0], device=cond.device)
+    t_rows = torch.zeros(rows, device=device)
     for i in range(len(dts)):
         t_rows[:] = ts[i]
         x_in = torch.cat([x] * cfg_mult, dim=0)
-        v = velocity(net(x_in, t_rows, cond).float(), x_in, t_rows)
+        v = velocity(f(x_in, i, t_rows).float(), x_in, t_rows)
         x = em_update(x, guide(v, guidance, cfg_mult), ts[i].to(x.device), dts[i].to(x.device),
                       noise[i + 1])
     t_rows[:] = T_FINAL
     x_in = torch.cat([x] * cfg_mult, dim=0)
-    v = velocity(net(x_in, t_rows, cond).float(), x_in, t_rows)
+    v = velocity(f(x_in, len(dts), t_rows).float(), x_in, t_rows)
     return x + guide(v, guidance, cfg_mult) * LAST_STEP
+
+
+def step_times(ts) -> list:
+    """The time of every head evaluation of a block: the N sampler times, then the final."""
+    return list(ts) + [torch.tensor(T_FINAL, dtype=torch.float32)]
+
+
+def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance: float, ts, dts,
+                              dtype=torch.float32, denoise=None) -> torch.Tensor:
+    """Same result as :func:`sample_block`, cheaper: everything of the head that does not
+    depend on x (condition embedding, adaLN and final-layer modulation, for all N + 1 step
+    times) is computed once per block in one batch, so the per-step work is only the
+    x-dependent part. ``net`` is a :class:`~bitdance_rt.models.head.HeadNet`.
+
+    Each modulation row is computed exactly as in the per-step network (same row-wise
+    arithmetic); only the batching of rows differs. ``denoise`` replaces ``net.denoise``
+    (e.g. a compiled version).
+    """
+    denoise = denoise or net.denoise
+    rows, device = cond.shape[0], cond.device
+    c_emb = net.cond_embed(cond.to(dtype))
+    ys = []
+    for t in step_times(ts):
+        t_rows = torch.full((rows,), 0.0, device=device)
+        t_rows[:] = t.to(device)
+        ys.append(F.silu(net.time_embed(t_rows).unsqueeze(1) + c_emb))
+    mods = net.modulation(torch.stack(ys))  # leading dim: step
+    return run_sampler(lambda x_in, k, _t: denoise(x_in.to(dtype), mods, k), rows, device,
+                       noise, guidance, ts, dts)

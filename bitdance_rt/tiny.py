@@ -75,19 +75,24 @@ def build_tokenizer(out_dir: Path) -> None:
 
 @torch.no_grad()
 def randomize_(module: nn.Module, gen: torch.Generator) -> None:
-    """Deterministic random weights that keep activations O(1) through every layer."""
+    """Deterministic random weights that keep activations O(1) through every layer.
+
+    Values are drawn on the generator's device (a CUDA generator fills a 14B model quickly).
+    """
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=gen.device)
+
     for name, p in module.named_parameters():
         shape = p.shape
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "bias":
-            value = torch.randn(shape, generator=gen) * 0.02
+            value = randn(shape) * 0.02
         elif p.dim() == 1:  # norm weights
-            value = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            value = 1.0 + 0.1 * randn(shape)
         elif "embed_tokens" in name:
-            value = torch.randn(shape, generator=gen)
+            value = randn(shape)
         else:
-            fan_in = p[0].numel()
-            value = torch.randn(shape, generator=gen) / fan_in ** 0.5
+            value = randn(shape) / p[0].numel() ** 0.5
         p.copy_(value.to(p.dtype))
 
 

@@ -158,9 +158,10 @@ def test_op_cpu_matches_reference_and_opcheck():
     B, Hq, Hkv, T, D, S = 2, 10, 2, 4, 32, 20
     q, kn, vn, kc, vc, lens = make_case(B, Hq, Hkv, T, D, S, [0, 11], seed=4)
     kc2, vc2 = kc.clone(), vc.clone()
-    out = kv_attention(q, kn, vn, kc, vc, lens, "causal")
+    out = kv_attention(q, kn, vn, kc, vc, lens, "causal")  # CPU: SDPA per equal-length group
     ref = kv_attention_ref(q, kn, vn, kc2, vc2, lens, "causal")
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kc, kc2, rtol=0, atol=0, equal_nan=True)
     # opcheck replays the op on copies; unpoisoned caches keep its comparisons NaN-free.
     args = make_case(B, Hq, Hkv, T, D, S, [0, 11], seed=5, poison=False)

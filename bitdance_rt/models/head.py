@@ -151,14 +151,32 @@ class HeadNet(nn.Module):
         self.final_layer = FinalLayer(c, cfg.ch_target)
 
     def forward(self, x, t, c):
+        return self.denoise(x, self.modulation(self.conditioning(t, c)))
+
+    def conditioning(self, t, c):
+        """``y = silu(time_embed(t) + cond_embed(c))``, ``[R, P, C]`` for t ``[R]``, c ``[R, P, Cc]``."""
+        return F.silu(self.time_embed(t).unsqueeze(1) + self.cond_embed(c))
+
+    def modulation(self, y):
+        """Everything of the network that does not depend on x: the adaLN outputs of each
+        shared block and of the final layer. ``y`` may carry extra leading dims (e.g. one per
+        sampling step), which lets a sampler compute all steps' modulations in one batch."""
+        return [blk(y) for blk in self.ada_ln_blocks], self.final_layer.ada_ln_modulation(y)
+
+    def denoise(self, x, modulation, index=None):
+        """The x-dependent part. ``index`` selects one leading entry of batched modulations."""
+        ada, final = modulation
+        if index is not None:
+            ada, final = [a[index] for a in ada], final[index]
         x = self.input_proj(x)
-        y = F.silu(self.time_embed(t).unsqueeze(1) + self.cond_embed(c))
         mod = None
         for i, block in enumerate(self.res_blocks):
             if i % self.switch_every == 0:
-                mod = self.ada_ln_blocks[i // self.switch_every](y).chunk(6, dim=-1)
+                mod = ada[i // self.switch_every].chunk(6, dim=-1)
             x = block(x, mod)
-        return 2 * torch.sigmoid(self.final_layer(x, y)) - 1
+        scale, shift = final.chunk(2, dim=-1)
+        out = self.final_layer.linear(self.final_layer.norm_final(x) * (1.0 + scale) + shift)
+        return 2 * torch.sigmoid(out) - 1
 
 
 class DiffusionHead(nn.Module):

@@ -13,29 +13,8 @@ A cache owns the keys and values of every layer and the attention over them. Two
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """``[B, Hkv, S, D]`` -> ``[B, Hkv * n_rep, S, D]`` (each kv head repeated n_rep times)."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def visible_mask(lens: torch.Tensor, t: int, s: int, mode: str) -> torch.Tensor:
-    """bool ``[B, 1, T, S]``: key j is visible to new token i of sequence b.
-
-    ``lens`` ``[B]`` are the cache lengths before the T new tokens were written.
-    """
-    q = torch.arange(t, device=lens.device)
-    kv = torch.arange(s, device=lens.device)
-    if mode == "causal":
-        limit = lens[:, None] + q[None, :] + 1  # [B, T]
-    else:
-        limit = (lens + t)[:, None].expand(-1, t)
-    return (kv[None, None, :] < limit[:, :, None])[:, None]
+from ..plugins.sdpa import attend_like_reference, kv_attention_grouped
 
 
 class ConcatKVCache:
@@ -55,23 +34,7 @@ class ConcatKVCache:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
-        n_rep = q.shape[1] // k.shape[1]
-        t = q.shape[2]
-        if mode == "causal" and past == 0:
-            # transformers skips the mask here and lets SDPA apply causality (GQA inside SDPA).
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=t > 1, enable_gqa=n_rep > 1
-            )
-        if mode == "block":
-            # The reference passes an all-true 4-D boolean mask, which makes transformers
-            # expand the kv heads itself.
-            mask = torch.ones((q.shape[0], 1, t, k.shape[2]), dtype=torch.bool, device=q.device)
-        else:
-            lens = torch.full((q.shape[0],), past, device=q.device)
-            mask = visible_mask(lens, t, k.shape[2], mode)
-        return F.scaled_dot_product_attention(
-            q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask
-        )
+        return attend_like_reference(q, k, v, mode == "causal", past)
 
 
 class StaticKVCache:
@@ -116,21 +79,14 @@ class StaticKVCache:
                 f"KV cache overflow: {max(self.lens_host)} + {t} tokens > max_len {self.max_len}"
             )
         kc, vc = self.k[layer], self.v[layer]
-        if self.attention is not None:
-            return self.attention(q, k, v, kc, vc, self.lens, mode)
-        return self.write_and_attend(q, k, v, kc, vc, self.lens, mode,
-                                     max(self.lens_host) + t)
+        attention = self.attention or kv_attention_grouped
+        return attention(q, k, v, kc, vc, self.lens, mode)
 
-    @staticmethod
-    def write_and_attend(q, k, v, kc, vc, lens, mode, kv_len):
-        b, hkv, t, d = k.shape
-        slots = (lens[:, None] + torch.arange(t, device=lens.device))[:, None, :, None]
-        slots = slots.expand(b, hkv, t, d)
-        kc.scatter_(2, slots, k)
-        vc.scatter_(2, slots, v)
-        keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
-        mask = visible_mask(lens, t, kv_len, mode)
-        n_rep = q.shape[1] // hkv
-        return F.scaled_dot_product_attention(
-            q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=mask
-        )
+    def rows(self, start: int, end: int) -> "StaticKVCache":
+        """A view of sequences ``[start, end)`` sharing this cache's buffers (writes land in
+        this cache); advance the parent, not the view."""
+        view = object.__new__(StaticKVCache)
+        view.k, view.v = self.k[:, start:end], self.v[:, start:end]
+        view.max_len, view.attention = self.max_len, self.attention
+        view.lens, view.lens_host = self.lens[start:end], self.lens_host[start:end]
+        return view

@@ -10,7 +10,7 @@ plugin later):
   auto_functionalized higher-order op used for mutating ops): 0 = "block" (query i sees j < cache_lens[b] + T), 1 = "causal" (j <= cache_lens[b] + i).
   k_cache / v_cache [B, Hkv, S_max, D] are mutated in place; returns out [B, Hq, T, D].
 
-Dispatch: CPU (and any device without Triton) -> ``kv_attention_ref``; CUDA -> the Triton
+Dispatch: CPU (and any device without Triton) -> ``kv_attention_grouped`` (SDPA, see sdpa.py); CUDA -> the Triton
 kernel when triton imports, else the reference. The fake kernel only allocates the output so
 torch.compile / torch.export can trace through the op.
 """
@@ -20,14 +20,16 @@ from __future__ import annotations
 import torch
 
 from .reference import kv_attention_ref, mode_to_int
+from .sdpa import kv_attention_grouped
 
 
 @torch.library.custom_op("bitdance::kv_attention", mutates_args=("k_cache", "v_cache"))
 def _kv_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, cache_lens: torch.Tensor, mask_mode: int,
                      scale: float | None = None) -> torch.Tensor:
-    # Default (CPU and any other device): the PyTorch reference.
-    return kv_attention_ref(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode, scale)
+    # Default (CPU and any other device): SDPA per group of equal cache lengths, called as the
+    # reference pipeline calls it (bit-exact with it on the CPU in float32).
+    return kv_attention_grouped(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode, scale)
 
 
 @_kv_attention_op.register_kernel("cuda")

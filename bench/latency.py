@@ -1,0 +1,167 @@
+"""Per-stage latency of the AR loop, side by side across backends, in one run.
+
+    python bench/latency.py --preset mid --weights random --backends reference,torch \
+        --height 512 --width 512 --steps 10 --guidance 7.5 --repeats 2 --json out.json
+
+Prints, per stage, seconds, calls and weight bytes read for each backend and the ratio to the
+first backend (the baseline), plus the LLM time of the first and last block steps. Random
+weights (`--weights random`) let any preset be timed without its checkpoint; the prompt is then
+a fixed synthetic token sequence (about as long as a real prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bitdance_rt.checkpoint import DTYPES, load_checkpoint, preset, random_model  # noqa: E402
+from bitdance_rt.pipeline import GenerationRequest, ReferencePipeline, check_size  # noqa: E402
+from bitdance_rt.runtime import ImagePlan, StageTimer, generate, plan_for  # noqa: E402
+from bitdance_rt.runtime.timing import STAGES  # noqa: E402
+
+PROMPT = "A lighthouse on a rocky coast at dusk, waves crashing, warm light in the windows"
+
+
+def synthetic_plan(spec, h, w, images, steps, guidance) -> ImagePlan:
+    """Token ids for a model without a tokenizer: a 32-token prompt, a 5-token unconditional
+    prompt, and P + 2 image tokens (any valid ids: the weights are random anyway)."""
+    vocab, p = spec.llm.vocab_size, spec.parallel_num
+    image = [(7919 * i + 13) % vocab for i in range(p + 2)]
+    seqs = [[(104729 * i + 1) % vocab for i in range(32)] + image]
+    if guidance > 1.0:
+        seqs.append([(15485863 * i + 5) % vocab for i in range(5)] + image)
+    return ImagePlan(h=h, w=w, images=images, seq_ids=tuple(map(tuple, seqs)), steps=steps,
+                     guidance=guidance)
+
+
+def make_runner(name, model, args):
+    if name == "reference":
+        pipe = ReferencePipeline(model)
+        return lambda plan, timer: pipe.generate_plan(plan, args.seed, timer=timer)
+    if name == "torch":
+        from bitdance_rt.runtime.backends.torch_backend import TorchBackend
+
+        be = TorchBackend(model, cuda_graphs=args.cuda_graphs, compile=args.compile)
+    elif name == "onnxruntime":
+        from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        be = OnnxRuntimeBackend(model, args.engine_dir)
+    else:
+        raise SystemExit(f"unknown backend {name!r}")
+    return lambda plan, timer: generate(be, plan, args.seed, timer)
+
+
+def block_growth(timer: StageTimer) -> dict:
+    calls = timer.stats["block_step"].per_call
+    k = max(1, min(3, len(calls) // 4))
+    first, last = statistics.median(calls[:k]), statistics.median(calls[-k:])
+    return {"block_step_first_s": first, "block_step_last_s": last, "growth": last / first}
+
+
+def machine_info(device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="mid", help="tiny, mid, 14b-64x, 14b-16x")
+    ap.add_argument("--weights", default="random", help="'random' or a checkpoint directory")
+    ap.add_argument("--backends", default="reference,torch")
+    ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--num-images", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per backend first")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--engine-dir", default=None)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = DTYPES[dtype_name]
+    h, w = check_size(args.height, args.width)
+    t0 = time.perf_counter()
+    if args.weights == "random":
+        model = random_model(preset(args.preset), dtype=dtype, device=args.device, seed=args.seed)
+        plan = synthetic_plan(model.spec, h, w, args.num_images, args.steps, args.guidance)
+    else:
+        model = load_checkpoint(args.weights, dtype=dtype, device=args.device)
+        plan = plan_for(model, GenerationRequest(PROMPT, args.height, args.width, args.steps,
+                                                 args.guidance, args.seed, args.num_images))
+    print(f"model {model.spec.name} ({args.weights}) on {args.device} {dtype_name}, "
+          f"ready in {time.perf_counter() - t0:.1f}s; {args.height}x{args.width}, N={args.steps}, "
+          f"g={args.guidance}, B={args.num_images}", flush=True)
+
+    results = {}
+    for name in args.backends.split(","):
+        run = make_runner(name, model, args)
+        for _ in range(args.warmup):
+            run(plan, StageTimer(args.device, enabled=False))
+        best = None
+        for _ in range(args.repeats):
+            timer = StageTimer(args.device)
+            run(plan, timer)
+            if best is None or timer.total < best.total:
+                best = timer
+        results[name] = {**best.as_dict(), **block_growth(best)}
+        print(f"{name}: {best.total:.3f}s", flush=True)
+
+    names = list(results)
+    base = names[0]
+    print()
+    header = f"{'stage':<12}" + "".join(f"{n + ' s':>14}{'calls':>7}{'GB':>8}" for n in names)
+    header += "".join(f"{base + '/' + n:>20}" for n in names[1:])
+    print(header)
+    for stage in list(STAGES) + ["total"]:
+        row = f"{stage:<12}"
+        vals = []
+        for n in names:
+            r = results[n]
+            sec = r["total_s"] if stage == "total" else r["stages"].get(stage, 0.0)
+            calls = "" if stage == "total" else r["calls"].get(stage, 0)
+            gb = "" if stage == "total" else f"{r['weight_bytes'].get(stage, 0) / 1e9:.2f}"
+            row += f"{sec:>14.3f}{calls:>7}{gb:>8}"
+            vals.append(sec)
+        row += "".join(f"{vals[0] / v if v else float('nan'):>19.2f}x" for v in vals[1:])
+        print(row)
+    print()
+    for n in names:
+        r = results[n]
+        print(f"{n}: LLM block step first {r['block_step_first_s'] * 1e3:.2f} ms, last "
+              f"{r['block_step_last_s'] * 1e3:.2f} ms (x{r['growth']:.2f})")
+    out = {"results": results,
+           "config": {"preset": args.preset, "weights": args.weights, "height": args.height,
+                      "width": args.width, "steps": args.steps, "guidance": args.guidance,
+                      "num_images": args.num_images, "repeats": args.repeats,
+                      "dtype": dtype_name, "cuda_graphs": args.cuda_graphs,
+                      "compile": args.compile, "model": model.spec.name},
+           "machine": machine_info(args.device)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

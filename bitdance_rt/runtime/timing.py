@@ -1,0 +1,89 @@
+"""Per-stage timing: seconds, calls and weight bytes read, per stage of the AR loop."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+STAGES = ("prefill", "block_step", "head", "decode")
+
+
+@dataclass
+class StageStats:
+    seconds: float = 0.0
+    calls: int = 0
+    weight_bytes: int = 0
+    # Per-call seconds of this stage, for growth checks (e.g. first vs last block step).
+    per_call: list = field(default_factory=list)
+
+
+class StageTimer:
+    """``with timer.stage("head", calls=51, weight_bytes=...):`` accumulates wall time.
+
+    On CUDA the device is synchronized at both ends of a stage so that the time is the work's,
+    not the launch's; a disabled timer (the default in generation) adds no synchronization.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True):
+        self.device = torch.device(device)
+        self.enabled = enabled
+        self.stats: dict[str, StageStats] = {}
+        self.total = 0.0
+        self._t0 = None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        if self.enabled:
+            self._sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self):
+        if self.enabled:
+            self._sync()
+        self.total = time.perf_counter() - self._t0
+
+    @contextmanager
+    def stage(self, name: str, calls: int = 1, weight_bytes: int = 0):
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        dt = time.perf_counter() - t0
+        s = self.stats.setdefault(name, StageStats())
+        s.seconds += dt
+        s.calls += calls
+        s.weight_bytes += weight_bytes
+        s.per_call.append(dt)
+
+    def as_dict(self) -> dict:
+        return {
+            "total_s": self.total,
+            "stages": {k: v.seconds for k, v in self.stats.items()},
+            "calls": {k: v.calls for k, v in self.stats.items()},
+            "weight_bytes": {k: v.weight_bytes for k, v in self.stats.items()},
+        }
+
+    def table(self) -> str:
+        rows = [f"{'stage':<12}{'seconds':>10}{'calls':>8}{'weights read':>14}"]
+        for name in list(STAGES) + sorted(set(self.stats) - set(STAGES)):
+            if name in self.stats:
+                s = self.stats[name]
+                rows.append(f"{name:<12}{s.seconds:>10.3f}{s.calls:>8}"
+                            f"{s.weight_bytes / 1e9:>11.2f} GB")
+        rows.append(f"{'total':<12}{self.total:>10.3f}")
+        return "\n".join(rows)
+
+
+def module_bytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
