@@ -142,3 +142,84 @@ def _compile(dtype, head_dim, group, causal, block_m, block_n, num_warps, num_st
     ptx_target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
     info.update(_ptxas_usage(ptx, ptx_target.group(1) if ptx_target else f"sm_{arch}a"))
     return info
+
+
+# --------------------------------------------------------------------------- TensorRT entry
+
+def _trt_jit_function():
+    from triton.runtime.jit import JITFunction
+
+    from .triton_attention import _kv_attn_kernel_trt
+    fn = _kv_attn_kernel_trt
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+def compile_trt_entry(dtype: str = "bf16", head_dim: int = 128, n_q_heads: int = 40,
+                      n_kv_heads: int = 8, scale: float | None = None, causal: bool = False,
+                      t_hint: int = 64, arch: int = 90) -> dict:
+    """Compile the TensorRT-convention entry (``_kv_attn_kernel_trt``) to PTX for sm_``arch``.
+
+    Head counts, head dim, scale and mask are compile-time constants (a TensorRT AOT plugin
+    bakes them into the kernel it embeds); T and S_MAX stay runtime ``int32`` arguments.
+    ``t_hint`` picks the block sizes (the tokens per step the engine mostly runs).
+    Returns name, ptx, shared (bytes), num_warps, block_m, block_n and ptxas figures.
+    """
+    kwargs = dict(dtype=dtype, head_dim=head_dim, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
+                  scale=scale, causal=causal, t_hint=t_hint, arch=arch)
+    from triton import knobs
+    if knobs.runtime.interpret:
+        return _run_in_subprocess("compile_trt_entry", kwargs)
+    import math
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .triton_attention import pick_config
+
+    dt = _TL_DTYPES[dtype]
+    torch_dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+    group = n_q_heads // n_kv_heads
+    cfg = pick_config(group * t_hint, head_dim, torch_dt)
+    scale = head_dim ** -0.5 if scale is None else scale
+    sig = {n: f"*{dt}" for n in ("Q", "KN", "VN", "KC_IN", "VC_IN", "OUT", "KC", "VC")}
+    sig.update(LENS="*i32", T="i32", S_MAX="i32")
+    constexprs = dict(N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads,
+                      QK_SCALE=float(scale) / math.log(2.0), GROUP=group, HEAD_DIM=head_dim,
+                      BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
+                      DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
+    sig.update({n: "constexpr" for n in constexprs})
+    fn = _trt_jit_function()
+    aligned = ("Q", "KN", "VN", "KC_IN", "VC_IN", "LENS", "OUT", "KC", "VC")
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = triton.compiler.ASTSource(fn=fn, signature={k: sig[k] for k in fn.arg_names},
+                                    constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=cfg["num_warps"],
+                                           num_stages=cfg["num_stages"]))
+    ptx = compiled.asm["ptx"]
+    info = dict(name=compiled.name, ptx=ptx, shared=compiled.metadata.shared,
+                num_warps=compiled.metadata.num_warps, block_m=cfg["BLOCK_M"],
+                block_n=cfg["BLOCK_N"], group=group, arch=arch)
+    ptx_target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
+    info.update(_ptxas_usage(ptx, ptx_target.group(1) if ptx_target else f"sm_{arch}a"))
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
+    info["n_params"] = len(re.findall(r"_param_\d+", entry.group(1))) if entry else None
+    return info
+
+
+def _run_in_subprocess(func: str, kwargs: dict) -> dict:
+    import pickle
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
+    code = (f"import pickle, sys; from bitdance_rt.plugins.aot import {func}; "
+            f"kw = pickle.load(sys.stdin.buffer); sys.stdout.buffer.write(pickle.dumps({func}(**kw)))")
+    res = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env,
+                         capture_output=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"AOT compile subprocess failed:\n{res.stderr.decode(errors='replace')[-4000:]}")
+    return pickle.loads(res.stdout)

@@ -58,6 +58,60 @@ def _kv_attn_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr = False,
 ):
+    _kv_attn_body(Q, KN, VN, KC, VC, LENS, OUT, sq_b, sq_h, sq_t, skn_b, skn_h, skn_t,
+                  svn_b, svn_h, svn_t, skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, so_b, so_h, so_t,
+                  T, N_KV_HEADS, qk_scale, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                  WRITE_KV, DOT_PRECISION, DOT_UPCAST)
+
+
+@triton.jit
+def _kv_attn_kernel_trt(
+    Q, KN, VN, KC_IN, VC_IN, LENS,  # inputs (TensorRT AOT order: inputs, scalars, outputs)
+    T, S_MAX,                       # int32 extra arguments: the dynamic dims
+    OUT, KC, VC,                    # outputs; KC/VC alias KC_IN/VC_IN (in-place cache write)
+    N_Q_HEADS: tl.constexpr,
+    N_KV_HEADS: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Entry point for the TensorRT plugin: contiguous tensors, strides derived from dims."""
+    _kv_attn_body(Q, KN, VN, KC, VC, LENS, OUT,
+                  N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                  N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                  N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                  N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
+                  N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
+                  N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                  T, N_KV_HEADS, QK_SCALE, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                  True, DOT_PRECISION, False)
+
+
+@triton.jit
+def _kv_attn_body(
+    Q, KN, VN, KC, VC, LENS, OUT,
+    sq_b, sq_h, sq_t,
+    skn_b, skn_h, skn_t,
+    svn_b, svn_h, svn_t,
+    skc_b, skc_h, skc_s,
+    svc_b, svc_h, svc_s,
+    so_b, so_h, so_t,
+    T, N_KV_HEADS, qk_scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    WRITE_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // N_KV_HEADS).to(tl.int64)  # int64: cache offsets can exceed 2**31 elements
