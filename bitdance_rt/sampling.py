@@ -108,6 +108,7 @@ def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance: float, t
         t_rows = torch.full((rows,), 0.0, device=device)
         t_rows[:] = t.to(device)
         ys.append(F.silu(net.time_embed(t_rows).unsqueeze(1) + c_emb))
-    mods = net.modulation(torch.stack(ys))  # leading dim: step
-    return run_sampler(lambda x_in, k, _t: denoise(x_in.to(dtype), mods, k), rows, device,
+    ada, final = net.modulation(torch.stack(ys))  # leading dim: step
+    per_step = [([a[k] for a in ada], final[k]) for k in range(len(ys))]
+    return run_sampler(lambda x_in, k, _t: denoise(x_in.to(dtype), per_step[k]), rows, device,
                        noise, guidance, ts, dts)

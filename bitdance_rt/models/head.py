@@ -163,11 +163,9 @@ class HeadNet(nn.Module):
         sampling step), which lets a sampler compute all steps' modulations in one batch."""
         return [blk(y) for blk in self.ada_ln_blocks], self.final_layer.ada_ln_modulation(y)
 
-    def denoise(self, x, modulation, index=None):
-        """The x-dependent part. ``index`` selects one leading entry of batched modulations."""
+    def denoise(self, x, modulation):
+        """The x-dependent part, given ``modulation()`` of the matching y."""
         ada, final = modulation
-        if index is not None:
-            ada, final = [a[index] for a in ada], final[index]
         x = self.input_proj(x)
         mod = None
         for i, block in enumerate(self.res_blocks):
