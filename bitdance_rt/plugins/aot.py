@@ -182,7 +182,7 @@ def compile_trt_entry(dtype: str = "bf16", head_dim: int = 128, n_q_heads: int =
     group = n_q_heads // n_kv_heads
     cfg = pick_config(group * t_hint, head_dim, torch_dt)
     scale = head_dim ** -0.5 if scale is None else scale
-    sig = {n: f"*{dt}" for n in ("Q", "KN", "VN", "KC_IN", "VC_IN", "OUT", "KC", "VC")}
+    sig = {n: f"*{dt}" for n in ("Q", "KN", "VN", "KC", "VC", "OUT")}
     sig.update(LENS="*i32", T="i32", S_MAX="i32")
     constexprs = dict(N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads,
                       QK_SCALE=float(scale) / math.log(2.0), GROUP=group, HEAD_DIM=head_dim,
@@ -191,7 +191,7 @@ def compile_trt_entry(dtype: str = "bf16", head_dim: int = 128, n_q_heads: int =
                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
     sig.update({n: "constexpr" for n in constexprs})
     fn = _trt_jit_function()
-    aligned = ("Q", "KN", "VN", "KC_IN", "VC_IN", "LENS", "OUT", "KC", "VC")
+    aligned = ("Q", "KN", "VN", "KC", "VC", "LENS", "OUT")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature={k: sig[k] for k in fn.arg_names},
                                     constexprs=constexprs, attrs=attrs)

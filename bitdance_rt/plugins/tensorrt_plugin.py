@@ -6,14 +6,15 @@ to PTX for the shapes and dtype in the network and embedded in the engine, so a 
 runs without Python (and without Triton) at inference time. Building the engine needs Python,
 TensorRT >= 10.8 (``tensorrt.plugin.aot_impl``) and Triton; running it needs only TensorRT.
 
-Node contract (same as ``torch.ops.bitdance.kv_attention`` and the ONNX node in
-``onnx_node.py``):
+Node contract (the ONNX node of ``onnx_node.py``): attention of T new tokens over the first
+``cache_lens[b]`` slots of the cache and over themselves, without writing the cache (an
+exported graph returns the new keys and values and the runtime stores them, as for ONNX
+Runtime):
 
     inputs   q [B, Hq, T, D], k_new [B, Hkv, T, D], v_new [B, Hkv, T, D],
              k_cache [B, Hkv, S_max, D], v_cache [B, Hkv, S_max, D], cache_lens [B] int32
     attrs    mask_mode: int (0 block, 1 causal), scale: float (<= 0 means D ** -0.5)
-    outputs  out [B, Hq, T, D]; k_cache and v_cache *aliased* to the inputs: the new keys
-             and values are written in place at cache_lens[b] (no copy of the cache).
+    outputs  out [B, Hq, T, D]
 
 Head counts and head dim must be build-time constants in the network; B, T and S_max may be
 dynamic (they are passed to the kernel as int32 arguments). Note: Triton 3.x kernels declare
@@ -63,8 +64,8 @@ def register_plugin() -> str:
     def _describe(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc,
                   k_cache: trtp.TensorDesc, v_cache: trtp.TensorDesc,
                   cache_lens: trtp.TensorDesc, mask_mode: int, scale: float,
-                  ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
-        return q.like(), k_cache.aliased(), v_cache.aliased()
+                  ) -> Tuple[trtp.TensorDesc]:
+        return q.like()
 
     @trtp.aot_impl(PLUGIN_ID)
     def _compile(q: trtp.TensorDesc, k_new: trtp.TensorDesc, v_new: trtp.TensorDesc,

@@ -66,9 +66,9 @@ def _kv_attn_kernel(
 
 @triton.jit
 def _kv_attn_kernel_trt(
-    Q, KN, VN, KC_IN, VC_IN, LENS,  # inputs (TensorRT AOT order: inputs, scalars, outputs)
-    T, S_MAX,                       # int32 extra arguments: the dynamic dims
-    OUT, KC, VC,                    # outputs; KC/VC alias KC_IN/VC_IN (in-place cache write)
+    Q, KN, VN, KC, VC, LENS,  # inputs (TensorRT AOT order: inputs, int32 scalars, outputs)
+    T, S_MAX,                 # the dynamic dims
+    OUT,                      # output
     N_Q_HEADS: tl.constexpr,
     N_KV_HEADS: tl.constexpr,
     QK_SCALE: tl.constexpr,
@@ -80,7 +80,8 @@ def _kv_attn_kernel_trt(
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Entry point for the TensorRT plugin: contiguous tensors, strides derived from dims."""
+    """Entry point for the TensorRT plugin: contiguous tensors, strides derived from dims, and
+    no cache write (an exported graph returns the new keys/values; the runtime stores them)."""
     _kv_attn_body(Q, KN, VN, KC, VC, LENS, OUT,
                   N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
                   N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
@@ -89,7 +90,7 @@ def _kv_attn_kernel_trt(
                   N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
                   N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
                   T, N_KV_HEADS, QK_SCALE, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                  True, DOT_PRECISION, False)
+                  False, DOT_PRECISION, False)
 
 
 @triton.jit
