@@ -39,6 +39,35 @@ from .reference import MODE_CAUSAL, check_shapes, mode_to_int
 
 
 @triton.jit
+def _kv_attn_kernel_trt(
+    Q, KN, VN, KC, VC, LENS,  # inputs (TensorRT AOT order: inputs, int32 scalars, outputs)
+    T, S_MAX,                 # the dynamic dims
+    OUT,                      # output
+    N_Q_HEADS: tl.constexpr,
+    N_KV_HEADS: tl.constexpr,
+    QK_SCALE: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Entry point for the TensorRT plugin: contiguous tensors, strides derived from dims, and
+    no cache write (an exported graph returns the new keys/values; the runtime stores them)."""
+    _kv_attn_kernel(Q, KN, VN, KC, VC, LENS, OUT,
+                    N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                    N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                    N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                    N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
+                    N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
+                    N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
+                    T, N_KV_HEADS, QK_SCALE, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                    False, DOT_PRECISION, False)
+
+
+@triton.jit
 def _kv_attn_kernel(
     Q, KN, VN, KC, VC, LENS, OUT,
     sq_b, sq_h, sq_t,
@@ -57,61 +86,6 @@ def _kv_attn_kernel(
     WRITE_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr = False,
-):
-    _kv_attn_body(Q, KN, VN, KC, VC, LENS, OUT, sq_b, sq_h, sq_t, skn_b, skn_h, skn_t,
-                  svn_b, svn_h, svn_t, skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, so_b, so_h, so_t,
-                  T, N_KV_HEADS, qk_scale, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                  WRITE_KV, DOT_PRECISION, DOT_UPCAST)
-
-
-@triton.jit
-def _kv_attn_kernel_trt(
-    Q, KN, VN, KC, VC, LENS,  # inputs (TensorRT AOT order: inputs, int32 scalars, outputs)
-    T, S_MAX,                 # the dynamic dims
-    OUT,                      # output
-    N_Q_HEADS: tl.constexpr,
-    N_KV_HEADS: tl.constexpr,
-    QK_SCALE: tl.constexpr,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Entry point for the TensorRT plugin: contiguous tensors, strides derived from dims, and
-    no cache write (an exported graph returns the new keys/values; the runtime stores them)."""
-    _kv_attn_body(Q, KN, VN, KC, VC, LENS, OUT,
-                  N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
-                  N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
-                  N_KV_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
-                  N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
-                  N_KV_HEADS * S_MAX * HEAD_DIM, S_MAX * HEAD_DIM, HEAD_DIM,
-                  N_Q_HEADS * T * HEAD_DIM, T * HEAD_DIM, HEAD_DIM,
-                  T, N_KV_HEADS, QK_SCALE, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                  False, DOT_PRECISION, False)
-
-
-@triton.jit
-def _kv_attn_body(
-    Q, KN, VN, KC, VC, LENS, OUT,
-    sq_b, sq_h, sq_t,
-    skn_b, skn_h, skn_t,
-    svn_b, svn_h, svn_t,
-    skc_b, skc_h, skc_s,
-    svc_b, svc_h, svc_s,
-    so_b, so_h, so_t,
-    T, N_KV_HEADS, qk_scale,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    WRITE_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
