@@ -61,3 +61,27 @@ def test_export_emits_the_documented_node():
     assert abs(attrs["scale"] - 8 ** -0.5) < 1e-6
     assert (DOMAIN, 1) in [(o.domain, o.version) for o in model.opset_import]
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_block_step_exports_with_plugin_nodes(tiny_ckpt, tmp_path):
+    """`--attention plugin`: the LLM graph carries one custom node per layer, passes the
+    checker, and computes what the standard graph computes (node run in PyTorch)."""
+    pytest.importorskip("onnxscript")
+    from bitdance_rt.checkpoint import load_checkpoint
+    from bitdance_rt.export import block_step
+    from bitdance_rt.export.attention import attention_fn, attention_translations
+    from bitdance_rt.export.common import OPSET, export_onnx
+
+    model = load_checkpoint(tiny_ckpt)
+    gdef = block_step.graph_def(model, attention_fn("plugin"))
+    files = export_onnx(gdef, tmp_path, OPSET, attention_translations("plugin"))
+    proto = onnx.load(str(tmp_path / files[0]))
+    nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+    assert len(nodes) == model.spec.llm.num_hidden_layers
+    onnx.checker.check_model(str(tmp_path / files[0]), full_check=True)
+    standard = block_step.graph_def(model, attention_fn("standard"))
+    with torch.no_grad():
+        a = gdef.module(*gdef.example.values())
+        b = standard.module(*standard.example.values())
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,17 @@
+"""ONNX export of BitDance: four graphs and a manifest per checkpoint (``bitdance-export``).
+
+- ``prefill``    every prompt sequence (causal), then the image-start block: cond of block 0
+- ``block_step`` one image block through the projector and the LLM (block mode, KV cache in)
+- ``head_step``  one sampler step of the diffusion head with guidance fused in
+- ``decoder``    latents to a uint8 image
+
+One module per graph (its wrapper, example and random inputs, and the PyTorch reference that
+``check`` compares against); ``exporter`` writes a directory, ``manifest`` describes and
+verifies one, ``check`` compares it with PyTorch through Polygraphy.
+"""
+
+from .exporter import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ, export_checkpoint, export_model
+from .manifest import GRAPHS, MANIFEST, read_manifest
+
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_SEQ", "GRAPHS", "MANIFEST", "export_checkpoint",
+           "export_model", "read_manifest"]

@@ -62,10 +62,21 @@ def attention_fn(name: str):
     if name == "standard":
         return standard_kv_attention
     if name == "plugin":
-        raise BitDanceError(
-            "--attention plugin (a custom ONNX node for the TensorRT plugin) is not available "
-            "yet; export with --attention standard (the default), which ONNX Runtime runs")
+        from ..plugins.onnx_node import plugin_kv_attention
+
+        return plugin_kv_attention
     raise BitDanceError(f"unknown --attention {name!r}; choose one of {list(ATTENTION_CHOICES)}")
+
+
+def attention_translations(name: str) -> dict | None:
+    """``custom_translation_table`` the exporter needs for ``--attention name`` (None for
+    standard operators; the ``bitdance::kv_attention`` node for the plugin)."""
+    attention_fn(name)
+    if name == "plugin":
+        from ..plugins.onnx_node import onnx_translation_table
+
+        return onnx_translation_table()
+    return None
 
 
 class GraphKV:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.kv_cache import StaticKVCache
 from .attention import GraphKV
 from .common import GraphDef, dim, tile_rows
 
@@ -37,7 +38,8 @@ class BlockStep(nn.Module):
 
     def forward(self, tokens, pe, pe_next, k_cache, v_cache, cache_lens):
         p = tokens.shape[1]
-        embeds = self.projector(tokens.to(self.dtype)) + pe  # [B, P, H], float32 (as the torch backend)
+        # [B, P, H], float32 as in the torch backend; projected once per image, then tiled
+        embeds = self.projector(tokens.to(self.dtype)) + pe
         embeds = tile_rows(embeds, cache_lens.shape[0])
         positions = cache_lens[:, None] + torch.arange(p, device=tokens.device)[None, :]
         kv = GraphKV(self.attention, k_cache, v_cache, cache_lens)
@@ -46,20 +48,50 @@ class BlockStep(nn.Module):
         return hidden.float() + pe_next, new_keys, new_values
 
 
-def graph_def(model, attention, batch: int = 1, rows: int = 2, cache_len: int = 8) -> GraphDef:
+@torch.no_grad()
+def reference(model, feeds: dict) -> dict:
+    """The PyTorch backend's block step: tiled tokens through the projector, the LLM over a
+    :class:`StaticKVCache` (written in place), new keys read back from the cache."""
+    cfg = model.spec.llm
+    tokens, lens = feeds["tokens"], feeds["cache_lens"]
+    rows, p = lens.shape[0], tokens.shape[1]
+    k_in, v_in = feeds["k_cache"], feeds["v_cache"]
+    slots = k_in.shape[3]
+    cache = StaticKVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, slots + p,
+                          cfg.head_dim, model.dtype, "cpu")
+    cache.k[:, :, :, :slots] = k_in
+    cache.v[:, :, :, :slots] = v_in
+    cache.lens.copy_(lens)
+    cache.lens_host = lens.tolist()
+    tiled = torch.cat([tokens] * (rows // tokens.shape[0]), dim=0)
+    embeds = model.projector(tiled.to(model.dtype)) + feeds["pe"]
+    pos = lens[:, None] + torch.arange(p)[None]
+    hidden = model.llm.model(embeds.to(model.dtype), pos, cache, "block")
+    index = pos[None, :, None, :, None].expand(cfg.num_hidden_layers, rows,
+                                               cfg.num_key_value_heads, p, cfg.head_dim)
+    return {"cond": hidden + feeds["pe_next"], "new_keys": cache.k.gather(3, index),
+            "new_values": cache.v.gather(3, index)}
+
+
+def random_inputs(model, gen: torch.Generator, batch: int, lens: list[int], slots: int) -> dict:
+    """Tokens of ``batch`` images for ``len(lens)`` rows (a multiple of batch), a random cache
+    of ``slots`` slots holding ``lens[s]`` tokens per row (finite values everywhere)."""
     spec, dt = model.spec, model.dtype
     cfg = spec.llm
     p, hid = spec.parallel_num, cfg.hidden_size
-    cache = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, cache_len + 3, cfg.head_dim)
-    gen = torch.Generator().manual_seed(0)
-    example = {
-        "tokens": torch.randint(0, 2, (batch, p, spec.head.ch_target), generator=gen).float() * 2 - 1,
+    cache = (cfg.num_hidden_layers, len(lens), cfg.num_key_value_heads, slots, cfg.head_dim)
+    return {
+        "tokens": torch.randint(0, 2, (batch, p, spec.head.ch_target), generator=gen) * 2.0 - 1,
         "pe": torch.randn(p, hid, generator=gen),
         "pe_next": torch.randn(p, hid, generator=gen),
         "k_cache": torch.randn(cache, generator=gen).to(dt),
         "v_cache": torch.randn(cache, generator=gen).to(dt),
-        "cache_lens": torch.tensor([cache_len - (i % 2) for i in range(rows)]),
+        "cache_lens": torch.tensor(lens),
     }
+
+
+def graph_def(model, attention) -> GraphDef:
+    example = random_inputs(model, torch.Generator().manual_seed(0), 2, [8, 5, 8, 5], 11)
     B, S, SMAX = dim("batch"), dim("rows"), dim("cache_slots")
     dynamic = {"tokens": {0: B}, "pe": None, "pe_next": None,
                "k_cache": {1: S, 3: SMAX}, "v_cache": {1: S, 3: SMAX}, "cache_lens": {0: S}}

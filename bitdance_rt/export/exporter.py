@@ -1,0 +1,109 @@
+"""``bitdance-export``: a checkpoint to the four ONNX graphs and ``manifest.json``."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import BitDanceModel
+from ..errors import BitDanceError
+from . import block_step, decoder, head_step, prefill
+from .attention import attention_fn, attention_translations
+from .common import DTYPE_NAMES, OPSET, export_dtype, export_onnx
+from .manifest import GRAPHS, MANIFEST, describe_graph, tool_versions, write_manifest
+from .source import identify_preset, load_for_export, resolve_preset, truncate_spec
+
+DEFAULT_MAX_BATCH = 4
+# The longest image (2048x512: 4096 tokens) plus a long prompt.
+DEFAULT_MAX_SEQ = 4608
+
+
+def graph_defs(model: BitDanceModel, attention: str):
+    """The four graphs, built lazily (each wraps modules of ``model``)."""
+    attend = attention_fn(attention)
+    return {"prefill": lambda: prefill.graph_def(model, attend),
+            "block_step": lambda: block_step.graph_def(model, attend),
+            "head_step": lambda: head_step.graph_def(model),
+            "decoder": lambda: decoder.graph_def(model)}
+
+
+def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = None,
+                 attention: str = "standard", max_batch: int = DEFAULT_MAX_BATCH,
+                 max_seq: int = DEFAULT_MAX_SEQ, opset: int = OPSET,
+                 source: dict | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Write the four graphs of ``model`` (already in the export dtype, on the CPU) and the
+    manifest into ``out_dir``; returns the manifest. ``progress`` gets one line per graph."""
+    if model.dtype not in DTYPE_NAMES:
+        raise BitDanceError(f"cannot export a {model.dtype} model; use fp32, fp16 or bf16")
+    if max_batch < 1 or max_seq < 1:
+        raise BitDanceError("--max-batch and --max-seq must be positive")
+    attention_fn(attention)  # fail before any work on an unavailable choice
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a half-written directory has no manifest
+    say = progress or (lambda line: None)
+    defs = graph_defs(model, attention)
+    translations = attention_translations(attention)
+    written = {}
+    for i, name in enumerate(GRAPHS):
+        t0 = time.perf_counter()
+        gdef = defs[name]()
+        files = export_onnx(gdef, out, opset, translations)
+        written[name] = describe_graph(out, files)
+        size = sum(written[name]["files"].values())
+        say(f"[{i + 1}/{len(GRAPHS)}] {name}: {', '.join(files)} ({size / 1e6:.1f} MB) "
+            f"in {time.perf_counter() - t0:.1f}s")
+        del gdef
+        gc.collect()
+    spec = model.spec
+    full = model.extras.get("full_spec", spec)
+    manifest = {
+        "preset": preset_name or identify_preset(spec) or "custom",
+        "config_hash": spec.config_hash(),
+        "checkpoint_config_hash": full.config_hash(),
+        "num_layers": (spec.llm.num_hidden_layers
+                       if spec.llm.num_hidden_layers != full.llm.num_hidden_layers else None),
+        "parallel_num": spec.parallel_num,
+        "gan_decoder": spec.ae.gan_decoder,
+        "dtype": DTYPE_NAMES[model.dtype],
+        "opset": opset,
+        "attention": attention,
+        "limits": {"max_batch": max_batch, "max_rows": 2 * max_batch, "max_seq": max_seq},
+        "source": source or {},
+        "tools": tool_versions(),
+        "graphs": written,
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
+                      dtype: str = "fp32", num_layers: int | None = None,
+                      attention: str = "standard", max_batch: int = DEFAULT_MAX_BATCH,
+                      max_seq: int = DEFAULT_MAX_SEQ,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """Load ``checkpoint`` (only the first ``num_layers`` LLM layers when given) in ``dtype``
+    and export it (see :func:`export_model`)."""
+    from ..checkpoint import read_spec
+
+    ckpt = Path(checkpoint)
+    torch_dtype = export_dtype(dtype)
+    spec = read_spec(ckpt)
+    name = resolve_preset(spec, model_name, ckpt)
+    truncate_spec(spec, num_layers)  # validate before loading
+    attention_fn(attention)
+    say = progress or (lambda line: None)
+    t0 = time.perf_counter()
+    model = load_for_export(ckpt, torch_dtype, num_layers)
+    say(f"loaded {ckpt} ({name}, {dtype}"
+        + (f", first {num_layers} LLM layers" if num_layers else "")
+        + f") in {time.perf_counter() - t0:.1f}s")
+    with torch.no_grad():
+        return export_model(model, out_dir, preset_name=name, attention=attention,
+                            max_batch=max_batch, max_seq=max_seq,
+                            source={"checkpoint": str(ckpt.resolve())}, progress=progress)

@@ -1,0 +1,295 @@
+"""ONNX export (four graphs + manifest), `bitdance-export check`, and the ONNX Runtime backend.
+
+One export of the tiny P = 4 checkpoint (through the CLI) serves the whole module; the slow
+tests add the P = 16 image check and a full-width 14B export with two LLM layers.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bitdance_rt.checkpoint import load_checkpoint, preset, random_model
+from bitdance_rt.cli import export_app, rt_app
+from bitdance_rt.errors import BitDanceError, EngineError
+from bitdance_rt.export import GRAPHS, export_model
+from bitdance_rt.export.check import check_export
+from bitdance_rt.export.head_step import HeadStep, step_inputs
+from bitdance_rt.export.source import identify_preset, load_for_export
+from bitdance_rt.pipeline import GenerationRequest
+from bitdance_rt.runtime import generate, generate_tokens, plan_for
+from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from bitdance_rt.runtime.backends.torch_backend import TorchBackend
+from bitdance_rt.sampling import draw_block_noise, em_update, sample_block, time_grid
+
+
+def identical_fraction(a, b):
+    return (a == b).all(-1).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx4") / "engine"
+    r = CliRunner().invoke(export_app, ["--checkpoint", str(tiny_ckpt), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for name in GRAPHS:  # one progress line per graph
+        assert f"] {name}: {name}.onnx" in r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    return load_checkpoint(tiny_ckpt)
+
+
+def copy_of(export_dir, tmp_path):
+    dst = tmp_path / "engine"
+    shutil.copytree(export_dir, dst)
+    return dst
+
+
+# -- the export and its manifest ---------------------------------------------------------------
+
+
+def test_manifest_describes_every_graph(export_dir, tiny_model):
+    import onnx
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    assert m["preset"] == "tiny-4x" and m["config_hash"] == tiny_model.spec.config_hash()
+    assert m["dtype"] == "fp32" and m["opset"] == 18 and m["attention"] == "standard"
+    assert m["num_layers"] is None and m["limits"]["max_batch"] == 4
+    assert {"torch", "onnx", "onnxscript", "polygraphy"} <= set(m["tools"])
+    assert set(m["graphs"]) == set(GRAPHS)
+    for name, g in m["graphs"].items():
+        path = export_dir / g["file"]
+        assert g["files"][g["file"]] == path.stat().st_size and not g["external_data"]
+        onnx.checker.check_model(str(path), full_check=True)
+        assert g["inputs"] and g["outputs"]
+    io = {n: {v["name"]: v for v in m["graphs"][n]["inputs"] + m["graphs"][n]["outputs"]}
+          for n in GRAPHS}
+    assert io["block_step"]["k_cache"]["shape"] == [2, "rows", 2, "cache_slots", 32]
+    assert io["block_step"]["tokens"]["shape"] == ["batch", 4, 32]
+    assert io["block_step"]["new_keys"]["shape"] == [2, "rows", 2, 4, 32]
+    assert io["prefill"]["input_ids"]["dtype"] == "int64"
+    assert io["prefill"]["prompt_keys"]["shape"] == [2, "rows", 2, "prompt_len", 32]
+    assert io["head_step"]["cond"]["shape"] == ["rows", 4, 128]
+    assert io["decoder"]["image"]["dtype"] == "uint8"
+    assert m["graphs"]["decoder"]["dynamic_axes"]["latent"] == {"0": "batch", "2": "latent_h",
+                                                                "3": "latent_w"}
+
+
+def test_check_passes_for_every_graph(export_dir):
+    rows, _ = check_export(export_dir, seed=1)
+    assert {r.graph for r in rows} == set(GRAPHS)
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+    assert max(r.scaled_rel for r in rows) < 1e-4
+    r = CliRunner().invoke(export_app, ["check", str(export_dir), "--seed", "2"])
+    assert r.exit_code == 0, r.output
+    assert "block_step" in r.output and "15/15 outputs within tolerance" in r.output
+
+
+def test_check_fails_above_tolerance(export_dir, monkeypatch):
+    from bitdance_rt.export import check
+
+    monkeypatch.setitem(check.TOLERANCE, "fp32", 1e-12)
+    r = CliRunner().invoke(export_app, ["check", str(export_dir), "--seed", "3"])
+    assert r.exit_code == 1 and "FAILED" in r.output
+
+
+def test_head_step_coefficients_reproduce_the_sampler(tiny_model):
+    """N Euler-Maruyama steps and the final Euler step as calls of one step function with
+    different coefficients give the reference sampler's result bit for bit (PyTorch)."""
+    step = HeadStep(tiny_model)
+    ts, dts = time_grid(5)
+    gen = torch.Generator().manual_seed(3)
+    for guidance, batch in ((4.0, 2), (1.0, 1)):
+        rows = 2 * batch if guidance > 1 else batch
+        cond = torch.randn(rows, 4, 128, generator=gen)
+        torch.manual_seed(9)
+        noise = draw_block_noise(batch, 4, 32, 5, "cpu")
+        with torch.no_grad():
+            ref = sample_block(tiny_model.head.net, cond, noise, guidance, ts, dts)
+            x = noise[0]
+            for k, (t, coeffs) in enumerate(step_inputs(ts, dts)):
+                nz = noise[k + 1] if k < 5 else noise[0]  # final step: scale 0
+                x = step(x, t, coeffs, nz, cond, torch.tensor([guidance]))
+        assert torch.equal(x, ref)
+
+
+def test_em_step_closed_form():
+    """x_next = (1 - dt) x + (1 + t) dt v + sqrt(2 (1 - t) dt) n: the EM update simplified."""
+    gen = torch.Generator().manual_seed(0)
+    x, v, n = (torch.randn(64, generator=gen, dtype=torch.float64) for _ in range(3))
+    for t, dt in ((0.0, 0.1), (0.37, 0.05), (0.9, 0.05)):
+        t, dt = torch.tensor(t, dtype=torch.float64), torch.tensor(dt, dtype=torch.float64)
+        closed = (1 - dt) * x + (1 + t) * dt * v + torch.sqrt(2 * (1 - t) * dt) * n
+        assert torch.allclose(em_update(x, v, t, dt, n), closed, rtol=1e-12, atol=1e-12)
+
+
+def test_presets_and_truncated_loading(tiny_ckpt, tiny_model):
+    assert identify_preset(preset("14b")) == "14b-64x"
+    assert identify_preset(preset("14b-16x")) == "14b-16x"
+    assert identify_preset(tiny_model.spec) == "tiny-4x"
+    small = load_for_export(tiny_ckpt, torch.float32, num_layers=1)
+    assert len(small.llm.model.layers) == 1 and small.spec.llm.num_hidden_layers == 1
+    assert torch.equal(small.llm.model.layers[0].mlp.up_proj.weight,
+                       tiny_model.llm.model.layers[0].mlp.up_proj.weight)
+    assert small.extras["full_spec"].config_hash() == tiny_model.spec.config_hash()
+    with pytest.raises(BitDanceError, match="--num-layers must be between"):
+        load_for_export(tiny_ckpt, torch.float32, num_layers=3)
+
+
+def test_cli_export_errors(tiny_ckpt, tmp_path):
+    def run(*args):
+        return CliRunner().invoke(export_app, list(args))
+
+    out = str(tmp_path / "x")
+    r = run("--checkpoint", str(tiny_ckpt), "--out", out, "--attention", "flash")
+    assert r.exit_code == 2 and "unknown --attention" in r.output
+    r = run("--checkpoint", str(tiny_ckpt), "--out", out, "--model", "14b")
+    assert r.exit_code == 2 and "does not match the checkpoint" in r.output
+    r = run("--checkpoint", str(tiny_ckpt))
+    assert r.exit_code == 2 and "--out" in r.output
+    r = run("--checkpoint", str(tiny_ckpt), "--out", out, "--dtype", "int4")
+    assert r.exit_code == 2 and "--dtype" in r.output
+
+
+# -- the ONNX Runtime backend ------------------------------------------------------------------
+
+REQ = GenerationRequest("a quiet harbour", 256, 896, steps=2, guidance=3.0, seed=5)
+
+
+@pytest.fixture(scope="module")
+def torch_image(tiny_model):
+    return generate(TorchBackend(tiny_model), plan_for(tiny_model, REQ), REQ.seed)
+
+
+def test_onnxruntime_backend_matches_torch(export_dir, tiny_model, torch_image):
+    backend = OnnxRuntimeBackend(tiny_model, export_dir)
+    ours = generate(backend, plan_for(tiny_model, REQ), REQ.seed)
+    assert ours.shape == torch_image.shape and ours.dtype == torch.uint8
+    assert identical_fraction(ours, torch_image) >= 0.999
+    # no guidance, two images, the backend's buffers reused: the same tokens
+    req = GenerationRequest("two boats", 256, 896, steps=1, guidance=1.0, seed=8, num_images=2)
+    plan = plan_for(tiny_model, req)
+    a = generate_tokens(backend, plan, req.seed)
+    b = generate_tokens(TorchBackend(tiny_model), plan, req.seed)
+    assert a.shape == (2, 16 * 56, 32) and (a == b).float().mean().item() >= 0.999
+
+
+def test_generate_cli_onnxruntime(export_dir, tiny_ckpt, torch_image, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "ort.png"
+    r = CliRunner().invoke(rt_app, [
+        "generate", "-c", str(tiny_ckpt), "-p", REQ.prompt, "--height", "256", "--width", "896",
+        "--steps", "2", "--guidance", "3", "--seed", "5", "--device", "cpu", "--backend",
+        "onnxruntime", "--engine-dir", str(export_dir), "--no-progress", "--timings",
+        "--out", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "head" in r.output
+    image = torch.from_numpy(np.array(Image.open(path)))
+    assert identical_fraction(image, torch_image[0]) >= 0.999
+
+
+def test_refuses_another_models_export(export_dir, tiny16_ckpt, tiny_ckpt, tmp_path):
+    with pytest.raises(EngineError, match="exported from another model"):
+        OnnxRuntimeBackend(load_checkpoint(tiny16_ckpt), export_dir)
+    r = CliRunner().invoke(rt_app, [
+        "generate", "-c", str(tiny16_ckpt), "-p", "x", "--height", "256", "--width", "1024",
+        "--device", "cpu", "--backend", "onnxruntime", "--engine-dir", str(export_dir)])
+    assert r.exit_code == 2 and "exported from another model" in r.output
+    # a truncated test export says so
+    d = copy_of(export_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    m.update(config_hash="0" * 16, num_layers=1)
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="--num-layers 1"):
+        OnnxRuntimeBackend(load_checkpoint(tiny_ckpt), d)
+
+
+def test_refuses_missing_or_corrupt_files(export_dir, tiny_model, tmp_path):
+    d = copy_of(export_dir, tmp_path)
+    (d / "head_step.onnx").unlink()
+    with pytest.raises(EngineError, match="head_step.onnx is missing"):
+        OnnxRuntimeBackend(tiny_model, d)
+    shutil.copy(export_dir / "head_step.onnx", d / "head_step.onnx")
+    data = (d / "decoder.onnx").read_bytes()
+    (d / "decoder.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match="decoder.onnx is corrupt or truncated"):
+        OnnxRuntimeBackend(tiny_model, d)
+    (d / "decoder.onnx").write_bytes(b"\x07garbage" * (len(data) // 8) + b"x" * (len(data) % 8))
+    with pytest.raises(EngineError, match="cannot load graph file .*decoder.onnx"):
+        OnnxRuntimeBackend(tiny_model, d)
+    r = CliRunner().invoke(export_app, ["check", str(d)])
+    assert r.exit_code == 2 and "decoder.onnx" in r.output
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineError, match="manifest.json is not valid JSON"):
+        OnnxRuntimeBackend(tiny_model, d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(EngineError, match="manifest.json is missing"):
+        OnnxRuntimeBackend(tiny_model, d)
+
+
+def test_limits_and_attention_are_enforced(export_dir, tiny_model, tmp_path):
+    d = copy_of(export_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    m["limits"]["max_seq"] = 100
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="--max-seq"):
+        generate(OnnxRuntimeBackend(tiny_model, d), plan_for(tiny_model, REQ), REQ.seed)
+    m["attention"] = "plugin"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="--attention standard"):
+        OnnxRuntimeBackend(tiny_model, d)
+
+
+# -- slow ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_p16_without_guidance_matches_torch(tiny16_ckpt, tmp_path):
+    from bitdance_rt.export import export_checkpoint
+
+    export_checkpoint(tiny16_ckpt, tmp_path / "e16")
+    assert all(r.passed for r in check_export(tmp_path / "e16", seed=0)[0])
+    model = load_checkpoint(tiny16_ckpt)
+    req = GenerationRequest("a lighthouse", 256, 1024, steps=10, guidance=1.0, seed=3)
+    plan = plan_for(model, req)
+    a = generate(OnnxRuntimeBackend(model, tmp_path / "e16"), plan, req.seed)
+    b = generate(TorchBackend(model), plan, req.seed)
+    assert identical_fraction(a, b) >= 0.999
+
+
+@pytest.mark.slow
+def test_full_width_14b_two_layers(tmp_path):
+    """14b-64x shapes, random weights, LLM cut to 2 layers (fp16: ~9 GB of weights; ONNX
+    Runtime's CPU provider runs fp16 graphs, not bf16 ones): every graph passes the path-based
+    onnx.checker, the large ones use external data, and each loads in ONNX Runtime."""
+    import dataclasses
+    import gc
+
+    import onnx
+    import onnxruntime as ort
+
+    full = preset("14b")
+    spec = dataclasses.replace(full, llm=dataclasses.replace(full.llm, num_hidden_layers=2))
+    model = random_model(spec, dtype=torch.float16)
+    model.llm.lm_head = None  # not part of any graph
+    model.extras["full_spec"] = full
+    manifest = export_model(model, tmp_path, preset_name="14b-64x", progress=print)
+    del model
+    gc.collect()
+    assert manifest["num_layers"] == 2 and manifest["config_hash"] == spec.config_hash()
+    assert manifest["graphs"]["prefill"]["external_data"]
+    assert manifest["graphs"]["head_step"]["external_data"]
+    for name in GRAPHS:
+        path = tmp_path / manifest["graphs"][name]["file"]
+        onnx.checker.check_model(str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert {i.name for i in session.get_inputs()}
+        del session
+        gc.collect()
