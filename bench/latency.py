@@ -63,7 +63,7 @@ def make_runner(name, model, args):
 
 def block_growth(timer: StageTimer) -> dict:
     calls = timer.stats["block_step"].per_call
-    k = max(1, min(3, len(calls) // 4))
+    k = max(1, min(8, len(calls) // 8))  # medians of the first and last eighth
     first, last = statistics.median(calls[:k]), statistics.median(calls[-k:])
     return {"block_step_first_s": first, "block_step_last_s": last, "growth": last / first}
 

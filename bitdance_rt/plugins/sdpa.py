@@ -24,19 +24,28 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def attend_like_reference(q, keys, values, causal: bool, past: int, scale=None) -> torch.Tensor:
-    """q ``[B, Hq, T, D]`` over keys/values ``[B, Hkv, past + T, D]`` (exact length)."""
+def attend_like_reference(q, keys, values, causal: bool, past: int, scale=None,
+                          native_gqa: bool = False) -> torch.Tensor:
+    """q ``[B, Hq, T, D]`` over keys/values ``[B, Hkv, past + T, D]`` (exact length).
+
+    ``native_gqa`` lets SDPA share kv heads instead of receiving repeated copies (faster on the
+    CPU, same result there: the tests check it against the repeated form)."""
     n_rep = q.shape[1] // keys.shape[1]
     t = q.shape[2]
     if causal and past == 0:
         return F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=scale,
                                               enable_gqa=n_rep > 1)
+    if native_gqa and not causal:  # an all-true mask is no mask
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=n_rep > 1)
     if causal:
         i = torch.arange(t, device=q.device)[:, None]
         j = torch.arange(past + t, device=q.device)[None, :]
         mask = (j <= past + i)[None, None].expand(q.shape[0], 1, t, past + t)
     else:
         mask = torch.ones((q.shape[0], 1, t, past + t), dtype=torch.bool, device=q.device)
+    if native_gqa:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=n_rep > 1)
     return F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep),
                                           attn_mask=mask, scale=scale)
 
@@ -58,6 +67,7 @@ def kv_attention_grouped(q, k_new, v_new, k_cache, v_cache, cache_lens, mode, sc
         past = lens[start]
         keys = k_cache[start:end, :, :past + t].to(q.dtype)
         values = v_cache[start:end, :, :past + t].to(q.dtype)
-        out[start:end] = attend_like_reference(q[start:end], keys, values, causal, past, scale)
+        out[start:end] = attend_like_reference(q[start:end], keys, values, causal, past, scale,
+                                               native_gqa=True)
         start = end
     return out
