@@ -24,8 +24,6 @@ global scratch (checked in ``tests/test_plugins_tensorrt.py``), so they are neve
 
 from __future__ import annotations
 
-import math
-
 PLUGIN_NAMESPACE = "bitdance"
 PLUGIN_NAME = "kv_attention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
@@ -95,6 +93,3 @@ def register_plugin() -> str:
     _state["registered"] = True
     return PLUGIN_ID
 
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
