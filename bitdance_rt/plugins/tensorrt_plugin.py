@@ -92,4 +92,3 @@ def register_plugin() -> str:
 
     _state["registered"] = True
     return PLUGIN_ID
-
