@@ -22,10 +22,10 @@ from ...errors import EngineError, ResourceError
 from ...export.head_step import step_inputs
 from ...export.manifest import GRAPHS, check_files, check_model, read_manifest
 from ...models.kv_cache import StaticKVCache
-from ...models.posemb import image_posemb, tokens_to_latent
+from ...models.posemb import tokens_to_latent
 from ...sampling import time_grid
 from ..backend import Backend, ImagePlan
-from .torch_backend import available_memory
+from ..buffers import available_memory, block_posembs, ensure_cache_fits
 
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
@@ -158,17 +158,10 @@ class OnnxRuntimeBackend(Backend):
             self._key, self.cache_k, self.cache_v = key, None, None
             shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
             need = StaticKVCache.nbytes_for(*shape[:4], cfg.head_dim, self.kv_dtype)
-            have = available_memory(dev)
-            if need > 0.9 * have:
-                raise ResourceError(
-                    f"the KV cache for {rows} sequences of {max_len} tokens needs "
-                    f"{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is free on {dev}; "
-                    "generate fewer images at once (--num-images) or a smaller size")
+            ensure_cache_fits(need, available_memory(dev), rows, max_len, dev)
             self.cache_k = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
             self.cache_v = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
-            pe = image_posemb(cfg.hidden_size, plan.h, plan.w, self.spec.patch)
-            self.pe_blocks = torch.cat([pe.view(-1, p, cfg.hidden_size),
-                                        torch.zeros(1, p, cfg.hidden_size)]).to(dev)
+            self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, dev)
             ts, dts = time_grid(plan.steps, self.spec.head.time_shift)
             self.steps = [(t.to(dev), c.to(dev)) for t, c in step_inputs(ts, dts)]
             self.guidance = torch.tensor([plan.guidance], dtype=torch.float32, device=dev)

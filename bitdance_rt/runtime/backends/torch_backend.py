@@ -8,28 +8,16 @@ position-embedding additions), so on the CPU in float32 it reproduces the refere
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ...checkpoint import BitDanceModel
 from ...errors import ResourceError
 from ...models.kv_cache import StaticKVCache
-from ...models.posemb import image_posemb
 from ...pipeline import decode_tokens
 from ...sampling import sample_block_premodulated, time_grid
 from ..backend import Backend, ImagePlan
+from ..buffers import available_memory, block_posembs, ensure_cache_fits
 from ..timing import module_bytes
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # not on Linux: do not block
-        return 1 << 62
 
 
 class TorchBackend(Backend):
@@ -88,18 +76,10 @@ class TorchBackend(Backend):
         ts, dts = time_grid(plan.steps, self.spec.head.time_shift)
         self.ts = [t.to(self.device) for t in ts]
         self.dts = [d.to(self.device) for d in dts]
-        pe = image_posemb(cfg.hidden_size, plan.h, plan.w, self.spec.patch).to(self.device)
-        # One extra zero block so block k + 1 exists for every k (the graph indexes it).
-        self.pe_blocks = torch.cat([pe.view(-1, p, cfg.hidden_size),
-                                    torch.zeros(1, p, cfg.hidden_size, device=self.device)])
+        self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, self.device)
         need = StaticKVCache.nbytes_for(cfg.num_hidden_layers, rows, cfg.num_key_value_heads,
                                         max_len, cfg.head_dim, self.dtype)
-        have = available_memory(self.device)
-        if need > 0.9 * have:
-            raise ResourceError(
-                f"the KV cache for {rows} sequences of {max_len} tokens needs {need / 2**30:.1f} "
-                f"GiB but only {have / 2**30:.1f} GiB is free on {self.device}; generate fewer "
-                "images at once (--num-images) or a smaller size")
+        ensure_cache_fits(need, available_memory(self.device), rows, max_len, self.device)
         self.cache = StaticKVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len,
                                    cfg.head_dim, self.dtype, self.device, attention=self.attention)
 
