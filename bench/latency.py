@@ -58,7 +58,9 @@ def make_runner(name, model, args):
         be = OnnxRuntimeBackend(model, args.engine_dir)
     else:
         raise SystemExit(f"unknown backend {name!r}")
-    return lambda plan, timer: generate(be, plan, args.seed, timer)
+    run = lambda plan, timer: generate(be, plan, args.seed, timer)  # noqa: E731
+    run.backend = be
+    return run
 
 
 def block_growth(timer: StageTimer) -> dict:
@@ -66,6 +68,44 @@ def block_growth(timer: StageTimer) -> dict:
     k = max(1, min(8, len(calls) // 8))  # medians of the first and last eighth
     first, last = statistics.median(calls[:k]), statistics.median(calls[-k:])
     return {"block_step_first_s": first, "block_step_last_s": last, "growth": last / first}
+
+
+def replay_block_growth(be, plan: ImagePlan, reps: int) -> dict | None:
+    """The block step at the first and at the last cache length, timed in alternation.
+
+    A run's first and last blocks are seconds apart, and on a shared machine the clock speed and
+    the neighbours change in between; alternating the two cache lengths (rewinding the static
+    cache's lengths between calls: the step rewrites the same slots) cancels that drift and
+    leaves what the longer cache costs. Needs a backend with a static KV cache."""
+    cache = getattr(be, "cache", None)
+    if not hasattr(cache, "set_lens"):
+        return None
+    num_blocks = plan.h * plan.w // be.parallel_num
+    if num_blocks < 3:
+        return None
+    gen = torch.Generator(be.device).manual_seed(1)
+    tokens = torch.randint(0, 2, (plan.images, be.parallel_num, be.ch_target), generator=gen,
+                           device=be.device).float() * 2 - 1
+    sync = torch.cuda.synchronize if torch.device(be.device).type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        be.begin(plan)
+        be.prefill()
+        first = list(cache.lens_host)
+        for k in range(num_blocks - 2):  # fill the cache up to the last block step
+            be.block_step(tokens, k)
+        last = list(cache.lens_host)
+        times = {"first": [], "last": []}
+        for _ in range(reps):
+            for which, lens, block in (("first", first, 0), ("last", last, num_blocks - 2)):
+                cache.set_lens(lens)
+                sync()
+                t0 = time.perf_counter()
+                be.block_step(tokens, block)
+                sync()
+                times[which].append(time.perf_counter() - t0)
+    a, b = statistics.median(times["first"]), statistics.median(times["last"])
+    return {"replay_first_s": a, "replay_last_s": b, "replay_growth": b / a, "replay_reps": reps,
+            "replay_cache_lens": [first, last]}
 
 
 def machine_info(device) -> dict:
@@ -95,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--engine-dir", default=None)
+    ap.add_argument("--replay", type=int, default=20,
+                    help="alternating first/last block-step pairs for the growth check (0: off)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -125,6 +167,9 @@ def main(argv=None):
             if best is None or timer.total < best.total:
                 best = timer
         results[name] = {**best.as_dict(), **block_growth(best)}
+        be = getattr(run, "backend", None)
+        if args.replay and be is not None:
+            results[name].update(replay_block_growth(be, plan, args.replay) or {})
         print(f"{name}: {best.total:.3f}s", flush=True)
 
     names = list(results)
@@ -149,7 +194,12 @@ def main(argv=None):
     for n in names:
         r = results[n]
         print(f"{n}: LLM block step first {r['block_step_first_s'] * 1e3:.2f} ms, last "
-              f"{r['block_step_last_s'] * 1e3:.2f} ms (x{r['growth']:.2f})")
+              f"{r['block_step_last_s'] * 1e3:.2f} ms (x{r['growth']:.2f}, medians of the first and "
+              f"last eighth of the timed run)")
+        if "replay_growth" in r:
+            print(f"{n}: LLM block step replayed in alternation ({r['replay_reps']} pairs): first "
+                  f"{r['replay_first_s'] * 1e3:.2f} ms, last {r['replay_last_s'] * 1e3:.2f} ms "
+                  f"(x{r['replay_growth']:.2f})")
     out = {"results": results,
            "config": {"preset": args.preset, "weights": args.weights, "height": args.height,
                       "width": args.width, "steps": args.steps, "guidance": args.guidance,

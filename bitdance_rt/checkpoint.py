@@ -287,9 +287,8 @@ def random_model(spec: ModelSpec, dtype=torch.float32, device="cpu", seed: int =
     for factory in (lambda: Qwen3ForCausalLM(spec.llm), lambda: DiffusionHead(spec.head),
                     lambda: BinaryAutoencoder(spec.ae),
                     lambda: Projector(spec.ae.z_channels, spec.llm.hidden_size)):
-        m = _on_meta(factory)
+        m = _on_meta(factory).to(dtype)  # cast on meta: no float32 copy of 14B weights
         m.to_empty(device=device)
-        m.to(dtype)
         randomize_(m, gen)
         parts.append(m.eval().requires_grad_(False))
     llm, head, ae, proj = parts

@@ -104,6 +104,27 @@ def test_static_cache_overflow_is_caught():
         cache.advance(5)
 
 
+def test_rewound_cache_replays_the_block_step(tiny16_ckpt):
+    """set_lens rewinds the static cache: the same block step on the same tokens gives the
+    same head condition (what the benchmark's alternating growth replay relies on)."""
+    model = load_checkpoint(tiny16_ckpt)
+    be = TorchBackend(model)
+    plan = plan_for(model, GenerationRequest("replay", 256, 1024, steps=1, guidance=3.0, seed=1))
+    with torch.no_grad():
+        be.begin(plan)
+        be.prefill()
+        before = list(be.cache.lens_host)
+        tokens = torch.randint(0, 2, (1, 16, 32)).float() * 2 - 1
+        first = be.block_step(tokens, 0)
+        be.block_step(-tokens, 1)
+        be.cache.set_lens(before)
+        assert be.cache.lens.tolist() == before
+        again = be.block_step(tokens, 0)
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match="cache lengths"):
+        be.cache.set_lens([be.cache.max_len + 1] * len(before))
+
+
 def test_premodulated_sampler_is_exact():
     model = random_model(preset("tiny"), seed=4)
     ts, dts = time_grid(6)
@@ -156,6 +177,34 @@ def test_bench_json_shape(tmp_path):
     assert data["results"]["torch"]["calls"]["block_step"] * 2 < \
         data["results"]["reference"]["calls"]["block_step"]
     assert "reference/torch" in r.stdout
+
+
+def _eager_capture(fn):
+    """Stands in for ``torch_backend._capture`` on the CPU: one warm-up run (as the real capture
+    does), then every replay re-runs the body and copies its result into the static output.
+    This checks the graph bodies' logic (static buffers, cache lengths and block index advanced
+    on the device, one capture serving every block and every image); the capture itself is
+    checked on a GPU by test_cuda_graphs_match_eager."""
+    from types import SimpleNamespace
+
+    out = fn()
+    return SimpleNamespace(replay=lambda: out.copy_(fn())), out
+
+
+@pytest.mark.parametrize("guidance,images", [(4.0, 1), (1.0, 2)])
+def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, monkeypatch, guidance, images):
+    model = load_checkpoint(tiny16_ckpt)
+    req = GenerationRequest("graph bodies", 256, 1024, steps=3, guidance=guidance, seed=4,
+                            num_images=images)
+    plan = plan_for(model, req)
+    eager = generate(TorchBackend(model, cuda_graphs=False), plan, req.seed)
+    monkeypatch.setattr(torch_backend, "_capture", _eager_capture)
+    be = TorchBackend(model, cuda_graphs=False)
+    be.cuda_graphs = True  # the graph code paths, run eagerly on the CPU
+    first = generate(be, plan, req.seed)
+    assert be._block_graph is not None and be._head_graphs
+    second = generate(be, plan, req.seed)  # same plan: the captured bodies are reused
+    assert torch.equal(first, eager) and torch.equal(second, eager)
 
 
 @pytest.mark.gpu

@@ -64,6 +64,16 @@ class StaticKVCache:
         self.lens.zero_()
         self.lens_host = [0] * len(self.lens_host)
 
+    def set_lens(self, lens):
+        """Set every sequence's length (a list of ints): rewinds the cache for a replay; the
+        contents beyond the new lengths are left and get overwritten by the next call."""
+        lens = [int(n) for n in lens]
+        if len(lens) != len(self.lens_host) or min(lens) < 0 or max(lens) > self.max_len:
+            raise ValueError(f"cache lengths {lens} do not fit {len(self.lens_host)} sequences "
+                             f"of at most {self.max_len} tokens")
+        self.lens_host = lens
+        self.lens.copy_(torch.tensor(lens, dtype=torch.long).to(self.lens.device))
+
     def advance(self, n):
         """Add ``n`` (int, or list of per-sequence ints) to every sequence's length."""
         ns = [n] * len(self.lens_host) if isinstance(n, int) else list(n)

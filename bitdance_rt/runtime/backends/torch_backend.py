@@ -184,8 +184,8 @@ class HeadLoopGraph:
 
 class BlockStepGraph:
     """One block step for all sequences as a CUDA graph: static token buffer in, head
-    condition out; cache lengths and the block index live on the device and advance inside
-    the graph, so one capture serves every block."""
+    condition out; the cache lengths live on the device and advance inside the graph, and the
+    block index is a device scalar set before each replay, so one capture serves every block."""
 
     def __init__(self, be: TorchBackend):
         self.be = be
@@ -207,7 +207,6 @@ class BlockStepGraph:
             pos = cache.lens[:, None] + arange
             hidden = m.llm.model(embeds.to(be.dtype), pos, cache, "block")
             cache.lens.add_(p)
-            self.block.add_(1)
             return hidden + pe_next
 
         saved_lens, saved_host = cache.lens.clone(), list(cache.lens_host)
