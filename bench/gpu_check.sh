@@ -5,16 +5,19 @@
 #   SMOKE=1 OUT=/tmp/smoke bash bench/gpu_check.sh   # here, on the CPU: same steps, small
 #                                                    # shapes, to catch plumbing errors first
 #
-# Steps (each under its own time limit; a failing step does not stop the others):
-#   1. pytest -m gpu: Triton kernel at 14b shapes in bf16, CUDA graphs against eager.
+# Steps (each under its own time limit, about 9.5 minutes in all; a failing step does not stop
+# the others), most important first:
+#   1. bench/latency.py: 14b-64x with random weights at 1024x1024, N = 50, g = 7.5,
+#      reference against torch (CUDA graphs, bf16), per-stage table and block-step growth.
 #   2. bench/attention.py: bf16 error against fp32 SDPA and time per call, ours against SDPA over
 #      a concatenated cache (B = 2, Hq 40, Hkv 8, D 128, T 64, cache lengths 200 .. 4200).
-#   3. bench/latency.py: 14b-64x with random weights at 1024x1024, N = 50, g = 7.5,
-#      reference against torch (CUDA graphs, bf16), per-stage table and block-step growth.
+#   3. pytest -m gpu: Triton kernel at 14b shapes in bf16, CUDA graphs against eager.
+#   4. bench/agreement.py: identical tokens and pixels, torch backend against the reference, on
+#      make-tiny checkpoints in fp32 and bf16.
 #
 # The GPU machine has no package registry: nothing is installed, the repository is put on
 # PYTHONPATH and the machine's own python3 (with torch and triton) runs everything.
-# At most 8 files come back from $OUT; this writes 7.
+# At most 8 files come back from $OUT; this writes 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -47,18 +50,19 @@ step() {  # step NAME LIMIT_S CMD...
 cat "$OUT/env.txt"
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEV=(--device cpu) ATTN=(--small --iters 2)
+  DEV=(--device cpu) ATTN=(--small --iters 2) AGREE=(--steps 1)
   LAT=(--preset tiny --height 256 --width 896 --steps 2 --replay 2)
 else
-  DEV=() ATTN=()
+  DEV=() ATTN=() AGREE=()
   LAT=(--preset 14b-64x --height 1024 --width 1024 --steps 50 --replay 10)
 fi
 
-step pytest_gpu 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
-  tests/test_plugins_attention.py tests/test_runtime.py
-step attention 90 "$PY" bench/attention.py "${DEV[@]}" "${ATTN[@]}" --json "$OUT/attention.json"
 step latency 300 "$PY" bench/latency.py "${DEV[@]}" "${LAT[@]}" --weights random \
   --backends reference,torch --guidance 7.5 --warmup 1 --repeats 1 --json "$OUT/latency.json"
+step attention 60 "$PY" bench/attention.py "${DEV[@]}" "${ATTN[@]}" --json "$OUT/attention.json"
+step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+  tests/test_plugins_attention.py tests/test_runtime.py
+step agreement 90 "$PY" bench/agreement.py "${DEV[@]}" "${AGREE[@]}"
 
 echo "== summary"
 cat "$SUMMARY"

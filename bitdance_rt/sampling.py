@@ -85,8 +85,10 @@ def run_sampler(f, rows: int, device, noise, guidance, ts, dts) -> torch.Tensor:
 
 
 def step_times(ts) -> list:
-    """The time of every head evaluation of a block: the N sampler times, then the final."""
-    return list(ts) + [torch.tensor(T_FINAL, dtype=torch.float32)]
+    """The time of every head evaluation of a block: the N sampler times, then the final one,
+    on the device of ``ts`` (a host tensor here would mean a host-to-device copy inside the
+    head loop's CUDA graph, which capture refuses)."""
+    return list(ts) + [torch.full((), T_FINAL, dtype=torch.float32, device=ts[0].device)]
 
 
 def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance: float, ts, dts,
