@@ -236,16 +236,21 @@ def _on_meta(factory):
 
 
 def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: bool = False,
-                    ) -> BitDanceModel:
+                    weights: bool = True) -> BitDanceModel:
     """Load a checkpoint directory; weights are converted to ``dtype`` on ``device``.
 
     The encoder of the autoencoder is only needed to tokenize images; it is skipped unless
-    ``load_encoder`` (its keys are still checked).
+    ``load_encoder`` (its keys are still checked). ``weights=False`` reads only the configs and
+    the tokenizer (the networks are None): enough for a backend whose engines hold the weights.
     """
     d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
     spec = read_spec(d)
     device = torch.device(device)
     tokenizer = load_tokenizer(d)
+    if not weights:
+        return BitDanceModel(spec, None, None, None, None, tokenizer, dtype, device, d)
 
     llm = _on_meta(lambda: Qwen3ForCausalLM(spec.llm))
     _load_tensors(_llm_files(d), llm, dtype, device, "language model")
@@ -274,6 +279,50 @@ def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: b
     for m in (llm, head, ae, proj):
         m.eval().requires_grad_(False)
     return BitDanceModel(spec, llm, head, ae, proj, tokenizer, dtype, device, d)
+
+
+WEIGHT_FILES = ("vision_head.safetensors", "projector.safetensors", "ae.safetensors")
+
+
+def weight_files(ckpt_dir) -> list[Path]:
+    """Every safetensors file of a checkpoint: the LLM's (single or shards), then the others."""
+    d = Path(ckpt_dir)
+    files = sorted(set(_llm_files(d).values()))
+    for name in WEIGHT_FILES:
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d / name} is missing: a BitDance checkpoint directory needs it")
+        files.append(d / name)
+    return files
+
+
+def weights_fingerprint(ckpt_dir, samples: int = 16, chunk: int = 4096) -> str:
+    """A quick fingerprint of a checkpoint's weights (milliseconds, even at 14B).
+
+    Per weight file, in order: its name and size, its safetensors header (every key with its
+    dtype, shape and offsets) and ``samples`` evenly spaced ``chunk``-byte pieces of the tensor
+    data (small files whole). Another architecture changes the headers; other values of the
+    same architecture (another seed, a fine-tune) change the sampled bytes. It is not a hash of
+    every byte: a change confined to bytes between the samples goes unnoticed.
+    """
+    import hashlib
+    import struct
+
+    h = hashlib.sha256()
+    for path in weight_files(ckpt_dir):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}\n".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * samples * chunk:
+                h.update(f.read())
+                continue
+            head_len = struct.unpack("<Q", f.read(8))[0]
+            h.update(f.read(head_len))
+            start = 8 + head_len
+            span = max(0, size - start - chunk)
+            for i in range(samples):
+                f.seek(start + span * i // max(1, samples - 1))
+                h.update(f.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def random_model(spec: ModelSpec, dtype=torch.float32, device="cpu", seed: int = 0,

@@ -168,7 +168,9 @@ def generate(
         checkpoint = builtin_tiny_checkpoint()
         typer.echo(f"no --checkpoint given: using the built-in tiny RANDOM-WEIGHT model at "
                    f"{checkpoint}; its images are noise patterns, not pictures", err=True)
-    model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev)
+    # The ONNX Runtime graphs hold the weights: read only the configs and the tokenizer.
+    model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev,
+                            weights=backend != "onnxruntime")
     runner = make_runner(backend, model, engine_dir, cuda_graphs, compile)
     timer = StageTimer(dev, enabled=timings)
     images = runner(req, ProgressBar("AR steps", progress), timer)

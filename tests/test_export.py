@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bitdance_rt.checkpoint import load_checkpoint, preset, random_model
+from bitdance_rt.checkpoint import load_checkpoint, preset, random_model, weights_fingerprint
 from bitdance_rt.cli import export_app, rt_app
 from bitdance_rt.errors import BitDanceError, EngineError
 from bitdance_rt.export import GRAPHS, export_model
@@ -209,6 +209,53 @@ def test_refuses_another_models_export(export_dir, tiny16_ckpt, tiny_ckpt, tmp_p
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineError, match="--num-layers 1"):
         OnnxRuntimeBackend(load_checkpoint(tiny_ckpt), d)
+
+
+def test_refuses_an_export_of_other_weights(export_dir, tiny_ckpt, tmp_path):
+    """Same shapes, other values (another seed): refused by the weights fingerprint."""
+    from bitdance_rt.tiny import make_tiny
+
+    other = make_tiny(tmp_path / "other", parallel_num=4, seed=9)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert manifest["weights_fingerprint"] == weights_fingerprint(tiny_ckpt)
+    with pytest.raises(EngineError, match="other weights"):
+        OnnxRuntimeBackend(load_checkpoint(other, weights=False), export_dir)
+    r = CliRunner().invoke(rt_app, [
+        "generate", "-c", str(other), "-p", "x", "--height", "256", "--width", "896",
+        "--device", "cpu", "--backend", "onnxruntime", "--engine-dir", str(export_dir)])
+    assert r.exit_code == 2 and "other weights" in r.output
+    with pytest.raises(EngineError, match="other weights"):
+        check_export(export_dir, other, graphs=("decoder",))
+
+
+def test_weights_fingerprint(tiny_ckpt, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, d)
+    base = weights_fingerprint(d)
+    assert base == weights_fingerprint(tiny_ckpt)
+    # a change of values inside a large file, at one of the sampled places, is seen
+    path = d / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    head = 8 + int.from_bytes(data[:8], "little")
+    span = len(data) - head - 4096
+    data[head + span * 7 // 15 + 100] ^= 0xFF  # inside the 8th of the 16 samples
+    data[head + span * 5 // 11] ^= 0xFF  # between samples: not seen (documented)
+    path.write_bytes(bytes(data))
+    assert weights_fingerprint(d) != base
+    data[head + span * 7 // 15 + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert weights_fingerprint(d) == base
+    (d / "projector.safetensors").unlink()
+    with pytest.raises(BitDanceError, match="projector.safetensors"):
+        weights_fingerprint(d)
+
+
+def test_spec_only_loading(tiny_ckpt, tmp_path):
+    m = load_checkpoint(tiny_ckpt, weights=False)
+    assert m.llm is None and m.head is None and m.tokenizer is not None
+    assert m.spec.config_hash() == load_checkpoint(tiny_ckpt).spec.config_hash()
+    with pytest.raises(BitDanceError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere", weights=False)
 
 
 def test_refuses_missing_or_corrupt_files(export_dir, tiny_model, tmp_path):

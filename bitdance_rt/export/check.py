@@ -25,7 +25,7 @@ import torch
 from ..errors import EngineError
 from . import block_step, decoder, head_step, prefill
 from .common import EXPORT_DTYPES
-from .manifest import GRAPHS, check_files, check_model, read_manifest
+from .manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # uint8 image: (most levels apart, least fraction of identical values)
@@ -180,6 +180,7 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
                           "DIR" + (f" ({ckpt} does not exist)" if ckpt else ""))
     model = load_for_export(ckpt, EXPORT_DTYPES[dtype], manifest.get("num_layers"))
     check_model(manifest, model.spec, d)
+    check_weights(manifest, ckpt, d)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     all_cases = cases(model, gen)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import BitDanceModel
+from ..checkpoint import BitDanceModel, weights_fingerprint
 from ..errors import BitDanceError
 from . import block_step, decoder, head_step, prefill
 from .attention import attention_fn, attention_translations
@@ -66,6 +66,7 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
         "preset": preset_name or identify_preset(spec) or "custom",
         "config_hash": spec.config_hash(),
         "checkpoint_config_hash": full.config_hash(),
+        "weights_fingerprint": weights_fingerprint(model.path) if model.path else None,
         "num_layers": (spec.llm.num_hidden_layers
                        if spec.llm.num_hidden_layers != full.llm.num_hidden_layers else None),
         "parallel_num": spec.parallel_num,

@@ -4,8 +4,10 @@ It records the preset, the config hash of the exported model (``ModelSpec.config
 the truncated model when ``--num-layers`` was given, with the checkpoint's own hash beside it),
 the dtype, opset, attention, the supported envelope (``max_batch``, ``max_seq``), tool versions,
 and per graph its files with their sizes and every input and output with shape, dtype and
-dynamic axes. Consumers (the ONNX Runtime backend, ``check``) refuse a directory that does not
-match the model they are given, or whose files are missing or of the wrong size.
+dynamic axes, and a fingerprint of the checkpoint's weights
+(:func:`~bitdance_rt.checkpoint.weights_fingerprint`). Consumers (the ONNX Runtime backend,
+``check``) refuse a directory that does not match the model they are given (its shapes or its
+weights), or whose files are missing or of the wrong size.
 """
 
 from __future__ import annotations
@@ -103,6 +105,23 @@ def check_model(manifest: dict, spec, engine_dir) -> None:
         f"{engine_dir} was exported from another model (preset {manifest.get('preset')!r}, "
         f"config hash {manifest['config_hash']}) than the checkpoint given (config hash {want}); "
         "re-export from this checkpoint or pass the matching --checkpoint")
+
+
+def check_weights(manifest: dict, ckpt_dir, engine_dir) -> None:
+    """Refuse a directory exported from other weights of the same architecture (another seed,
+    a fine-tune): the manifest's weights fingerprint must match the checkpoint's. Exports made
+    before the fingerprint existed carry none and are not checked."""
+    from ..checkpoint import weights_fingerprint
+
+    want = manifest.get("weights_fingerprint")
+    if want is None or ckpt_dir is None:
+        return
+    have = weights_fingerprint(ckpt_dir)
+    if have != want:
+        raise EngineError(
+            f"{engine_dir} was exported from other weights (fingerprint {want}) than the "
+            f"checkpoint {ckpt_dir} (fingerprint {have}), although both have the same shapes; "
+            "re-export from this checkpoint or pass the checkpoint it was exported from")
 
 
 def check_files(manifest: dict, engine_dir, names=GRAPHS) -> None:

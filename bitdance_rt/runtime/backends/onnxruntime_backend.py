@@ -6,8 +6,11 @@ between calls. The graphs never write the KV cache; they return the keys and val
 tokens and this backend scatters them into its one preallocated cache ``[L, S, Hkv, S_max, D]``
 at each sequence's length (conditional and unconditional rows have different lengths).
 
-The directory must match the model (``manifest.json``'s config hash) and its graph files must be
-present with the sizes the export wrote; otherwise :class:`~bitdance_rt.errors.EngineError`.
+The graphs hold the weights: the backend needs only the checkpoint's configs and tokenizer
+(``load_checkpoint(dir, weights=False)``). The directory must match the checkpoint (the
+manifest's config hash and, for a checkpoint read from a directory, its weights fingerprint),
+and its graph files must be present with the sizes the export wrote; otherwise
+:class:`~bitdance_rt.errors.EngineError`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from ...checkpoint import BitDanceModel
 from ...errors import EngineError, ResourceError
 from ...export.head_step import step_inputs
-from ...export.manifest import GRAPHS, check_files, check_model, read_manifest
+from ...export.manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
 from ...models.kv_cache import StaticKVCache
 from ...models.posemb import tokens_to_latent
 from ...sampling import time_grid
@@ -52,6 +55,7 @@ class OnnxRuntimeBackend(Backend):
         self.engine_dir = Path(engine_dir)
         self.manifest = read_manifest(self.engine_dir)
         check_model(self.manifest, self.spec, self.engine_dir)
+        check_weights(self.manifest, model.path, self.engine_dir)
         check_files(self.manifest, self.engine_dir)
         dtype = self.manifest["dtype"]
         if dtype not in KV_DTYPES:
