@@ -78,7 +78,7 @@ def run_sampler(f, rows: int, device, noise, guidance, ts, dts) -> torch.Tensor:
         v = velocity(f(x_in, i, t_rows).float(), x_in, t_rows)
         x = em_update(x, guide(v, guidance, cfg_mult), ts[i].to(x.device), dts[i].to(x.device),
                       noise[i + 1])
-    t_rows[:] = T_FINAL
+    t_rows.fill_(T_FINAL)
     x_in = torch.cat([x] * cfg_mult, dim=0)
     v = velocity(f(x_in, len(dts), t_rows).float(), x_in, t_rows)
     return x + guide(v, guidance, cfg_mult) * LAST_STEP

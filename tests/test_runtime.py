@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bitdance_rt.checkpoint import load_checkpoint, preset, random_model
 from bitdance_rt.errors import ResourceError
@@ -179,16 +180,42 @@ def test_bench_json_shape(tmp_path):
     assert "reference/torch" in r.stdout
 
 
-def _eager_capture(fn):
+# Ops that cannot sit inside a captured CUDA graph: a tensor made from host data (it becomes a
+# host-to-device copy), and reads of a device value on the host (a synchronisation).
+NOT_CAPTURABLE = {"aten::lift_fresh", "aten::lift_fresh_copy", "aten::_local_scalar_dense",
+                  "aten::nonzero", "aten::masked_select"}
+
+
+class CaptureLint(TorchDispatchMode):
+    """Records every op that a CUDA graph capture would refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in NOT_CAPTURABLE:
+            self.bad.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _eager_capture(fn, problems):
     """Stands in for ``torch_backend._capture`` on the CPU: one warm-up run (as the real capture
     does), then every replay re-runs the body and copies its result into the static output.
-    This checks the graph bodies' logic (static buffers, cache lengths and block index advanced
-    on the device, one capture serving every block and every image); the capture itself is
-    checked on a GPU by test_cuda_graphs_match_eager."""
+    This checks the graph bodies' logic (static buffers, cache lengths advanced on the device,
+    one capture serving every block and every image) and that they make no call a capture
+    refuses (``CaptureLint``); the capture itself is checked on a GPU by
+    test_cuda_graphs_match_eager."""
     from types import SimpleNamespace
 
-    out = fn()
-    return SimpleNamespace(replay=lambda: out.copy_(fn())), out
+    def body():
+        with CaptureLint() as lint:
+            result = fn()
+        problems.extend(lint.bad)
+        return result
+
+    out = body()
+    return SimpleNamespace(replay=lambda: out.copy_(body())), out
 
 
 @pytest.mark.parametrize("guidance,images", [(4.0, 1), (1.0, 2)])
@@ -198,13 +225,15 @@ def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, monkeypatch, guidance, ima
                             num_images=images)
     plan = plan_for(model, req)
     eager = generate(TorchBackend(model, cuda_graphs=False), plan, req.seed)
-    monkeypatch.setattr(torch_backend, "_capture", _eager_capture)
+    problems = []
+    monkeypatch.setattr(torch_backend, "_capture", lambda fn: _eager_capture(fn, problems))
     be = TorchBackend(model, cuda_graphs=False)
     be.cuda_graphs = True  # the graph code paths, run eagerly on the CPU
     first = generate(be, plan, req.seed)
     assert be._block_graph is not None and be._head_graphs
     second = generate(be, plan, req.seed)  # same plan: the captured bodies are reused
     assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert not problems, f"graph bodies call ops a CUDA graph capture refuses: {set(problems)}"
 
 
 @pytest.mark.gpu
