@@ -112,6 +112,34 @@ def replay_block_growth(be, plan: ImagePlan, reps: int) -> dict | None:
             "replay_cache_lens": [first, last]}
 
 
+def copy_bandwidth(device, nbytes: int = 2 << 30, iters: int = 10) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * iters / (start.elapsed_time(end) / 1e3)
+
+
+def weight_floor(model, plan: ImagePlan, bandwidth: float) -> dict:
+    """SPEC section 3's floor: every weight read once per call at the copy bandwidth, for one
+    batched LLM call per block (layers only), the whole head per evaluation and the decoder."""
+    from bitdance_rt.runtime.timing import module_bytes
+
+    blocks = plan.h * plan.w // model.spec.parallel_num
+    llm = module_bytes(model.llm.model.layers) * blocks
+    head = module_bytes(model.head) * blocks * (plan.steps + 1)
+    decoder = module_bytes(model.ae.decoder)
+    return {"bandwidth_Bps": bandwidth, "llm_s": llm / bandwidth, "head_s": head / bandwidth,
+            "decoder_s": decoder / bandwidth, "total_s": (llm + head + decoder) / bandwidth}
+
+
 def machine_info(device) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -203,7 +231,15 @@ def main(argv=None):
             print(f"{n}: LLM block step replayed in alternation ({r['replay_reps']} pairs): first "
                   f"{r['replay_first_s'] * 1e3:.2f} ms, last {r['replay_last_s'] * 1e3:.2f} ms "
                   f"(x{r['replay_growth']:.2f})")
-    out = {"results": results,
+    floor = None
+    if torch.device(args.device).type == "cuda":
+        floor = weight_floor(model, plan, copy_bandwidth(args.device))
+        print(f"floor (SPEC section 3: weights read once per call at the measured copy rate of "
+              f"{floor['bandwidth_Bps'] / 1e12:.2f} TB/s): {floor['total_s']:.3f} s (LLM "
+              f"{floor['llm_s']:.3f}, head {floor['head_s']:.3f}, decoder {floor['decoder_s']:.3f})")
+        for n in names:
+            print(f"{n}: {results[n]['total_s'] / floor['total_s']:.2f}x the floor")
+    out = {"results": results, "floor": floor,
            "config": {"preset": args.preset, "weights": args.weights, "height": args.height,
                       "width": args.width, "steps": args.steps, "guidance": args.guidance,
                       "num_images": args.num_images, "repeats": args.repeats,
