@@ -1,4 +1,4 @@
-"""ONNX export (four graphs + manifest), `bitdance-export check`, and the ONNX Runtime backend.
+"""ONNX export (five graphs + manifest), `bitdance-export check`, and the ONNX Runtime backend.
 
 One export of the tiny P = 4 checkpoint (through the CLI) serves the whole module; the slow
 tests add the P = 16 image check and a full-width 14B export with two LLM layers.
@@ -17,13 +17,15 @@ from bitdance_rt.cli import export_app, rt_app
 from bitdance_rt.errors import BitDanceError, EngineError
 from bitdance_rt.export import GRAPHS, export_model
 from bitdance_rt.export.check import check_export
+from bitdance_rt.export.head_prepare import HeadPrepare, modulations
 from bitdance_rt.export.head_step import HeadStep, step_inputs
 from bitdance_rt.export.source import identify_preset, load_for_export
 from bitdance_rt.pipeline import GenerationRequest
 from bitdance_rt.runtime import generate, generate_tokens, plan_for
 from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from bitdance_rt.runtime.backends.torch_backend import TorchBackend
-from bitdance_rt.sampling import draw_block_noise, em_update, sample_block, time_grid
+from bitdance_rt.sampling import (draw_block_noise, em_update, sample_block,
+                                  sample_block_premodulated, step_times, time_grid)
 
 
 def identical_fraction(a, b):
@@ -75,7 +77,13 @@ def test_manifest_describes_every_graph(export_dir, tiny_model):
     assert io["block_step"]["new_keys"]["shape"] == [2, "rows", 2, 4, 32]
     assert io["prefill"]["input_ids"]["dtype"] == "int64"
     assert io["prefill"]["prompt_keys"]["shape"] == [2, "rows", 2, "prompt_len", 32]
-    assert io["head_step"]["cond"]["shape"] == ["rows", 4, 128]
+    assert io["head_prepare"]["cond"]["shape"] == ["rows", 4, 128]
+    assert io["head_prepare"]["times"]["shape"] == ["steps"]
+    assert io["head_prepare"]["ada_mod"]["shape"] == ["steps", 2, "rows", 4, 768]
+    assert io["head_prepare"]["final_mod"]["shape"] == ["steps", "rows", 4, 256]
+    assert io["head_step"]["ada_mod"]["shape"] == [2, "rows", 4, 768]
+    assert io["head_step"]["final_mod"]["shape"] == ["rows", 4, 256]
+    assert "cond" not in io["head_step"]
     assert io["decoder"]["image"]["dtype"] == "uint8"
     assert m["graphs"]["decoder"]["dynamic_axes"]["latent"] == {"0": "batch", "2": "latent_h",
                                                                 "3": "latent_w"}
@@ -88,7 +96,7 @@ def test_check_passes_for_every_graph(export_dir):
     assert max(r.scaled_rel for r in rows) < 1e-4
     r = CliRunner().invoke(export_app, ["check", str(export_dir), "--seed", "2"])
     assert r.exit_code == 0, r.output
-    assert "block_step" in r.output and "15/15 outputs within tolerance" in r.output
+    assert "block_step" in r.output and "19/19 outputs within tolerance" in r.output
 
 
 def test_check_fails_above_tolerance(export_dir, monkeypatch):
@@ -99,23 +107,34 @@ def test_check_fails_above_tolerance(export_dir, monkeypatch):
     assert r.exit_code == 1 and "FAILED" in r.output
 
 
-def test_head_step_coefficients_reproduce_the_sampler(tiny_model):
-    """N Euler-Maruyama steps and the final Euler step as calls of one step function with
-    different coefficients give the reference sampler's result bit for bit (PyTorch)."""
-    step = HeadStep(tiny_model)
+def test_head_graphs_reproduce_the_sampler(tiny_model):
+    """head_step k fed slice k of the modulations (as sample_block_premodulated computes them):
+    N Euler-Maruyama steps and the final Euler step as calls of one step function with
+    different coefficients give the reference sampler's result bit for bit (PyTorch). The
+    head_prepare wrapper computes the same rows in one batch; PyTorch's matrix products may
+    round a row differently with the batch size (rows x steps against rows), so it agrees
+    within rounding."""
+    prepare, step = HeadPrepare(tiny_model), HeadStep(tiny_model)
+    net = tiny_model.head.net
     ts, dts = time_grid(5)
+    times = torch.stack(step_times(ts))
     gen = torch.Generator().manual_seed(3)
-    for guidance, batch in ((4.0, 2), (1.0, 1)):
+    for guidance, batch in ((4.0, 2), (1.0, 1), (3.0, 1)):
         rows = 2 * batch if guidance > 1 else batch
         cond = torch.randn(rows, 4, 128, generator=gen)
         torch.manual_seed(9)
         noise = draw_block_noise(batch, 4, 32, 5, "cpu")
         with torch.no_grad():
-            ref = sample_block(tiny_model.head.net, cond, noise, guidance, ts, dts)
+            ref = sample_block(net, cond, noise, guidance, ts, dts)
+            assert torch.equal(ref, sample_block_premodulated(net, cond, noise, guidance, ts, dts))
+            ada, final = modulations(net, cond, times.unbind(0))
+            assert ada.shape == (6, 2, rows, 4, 768) and final.shape == (6, rows, 4, 256)
+            for got, want in zip(prepare(cond, times), (ada, final)):
+                assert (got - want).abs().max() <= 1e-6 * want.abs().max()
             x = noise[0]
             for k, (t, coeffs) in enumerate(step_inputs(ts, dts)):
                 nz = noise[k + 1] if k < 5 else noise[0]  # final step: scale 0
-                x = step(x, t, coeffs, nz, cond, torch.tensor([guidance]))
+                x = step(x, t, coeffs, nz, ada[k], final[k], torch.tensor([guidance]))
         assert torch.equal(x, ref)
 
 
@@ -180,6 +199,15 @@ def test_onnxruntime_backend_matches_torch(export_dir, tiny_model, torch_image):
     assert a.shape == (2, 16 * 56, 32) and (a == b).float().mean().item() >= 0.999
 
 
+def test_head_reads_the_x_independent_part_once_per_block(export_dir, tiny_model):
+    backend = OnnxRuntimeBackend(tiny_model, export_dir)
+    plan = plan_for(tiny_model, REQ)
+    files = {n: (export_dir / f"{n}.onnx").stat().st_size for n in ("head_prepare", "head_step")}
+    wb = backend.weight_bytes(plan)
+    assert wb["head"] == files["head_prepare"] + (REQ.steps + 1) * files["head_step"]
+    assert wb["head_calls"] == REQ.steps + 2
+
+
 def test_generate_cli_onnxruntime(export_dir, tiny_ckpt, torch_image, tmp_path):
     from PIL import Image
 
@@ -226,6 +254,41 @@ def test_refuses_an_export_of_other_weights(export_dir, tiny_ckpt, tmp_path):
     assert r.exit_code == 2 and "other weights" in r.output
     with pytest.raises(EngineError, match="other weights"):
         check_export(export_dir, other, graphs=("decoder",))
+
+
+def test_refuses_an_export_of_an_older_version(export_dir, tiny_model, tmp_path):
+    """A directory written before head_prepare existed: no such graph in its manifest, and a
+    head_step graph that takes cond and t instead of the modulations."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    d = copy_of(export_dir, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    del m["graphs"]["head_prepare"]
+    (d / "head_prepare.onnx").unlink()
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="lists no 'head_prepare' graph: .* written by another "
+                                          "version of bitdance-export.* re-export it"):
+        OnnxRuntimeBackend(tiny_model, d)
+    r = CliRunner().invoke(export_app, ["check", str(d)])
+    assert r.exit_code == 2 and "re-export it" in r.output
+    # a head_step graph with the old inputs, listed next to a head_prepare graph
+    shutil.copy(export_dir / "head_prepare.onnx", d / "head_prepare.onnx")
+    old = [("x", [1, 4, 32]), ("t", [1]), ("coeffs", [3]), ("noise", [1, 4, 32]),
+           ("cond", [2, 4, 128]), ("guidance", [1])]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["x_next"])], "head_step",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in old],
+        [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, 4, 32])])
+    ir = onnx.load(str(export_dir / "head_step.onnx"), load_external_data=False).ir_version
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                ir_version=ir), str(d / "head_step.onnx"))
+    m = json.loads((export_dir / "manifest.json").read_text())
+    m["graphs"]["head_step"]["files"] = {"head_step.onnx": (d / "head_step.onnx").stat().st_size}
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match=r"head_step.onnx lacks the inputs \['ada_mod', "
+                                          r"'final_mod'\]: .* re-export it"):
+        OnnxRuntimeBackend(tiny_model, d)
 
 
 def test_weights_fingerprint(tiny_ckpt, tmp_path):

@@ -1,9 +1,12 @@
-"""ONNX export of BitDance: four graphs and a manifest per checkpoint (``bitdance-export``).
+"""ONNX export of BitDance: five graphs and a manifest per checkpoint (``bitdance-export``).
 
-- ``prefill``    every prompt sequence (causal), then the image-start block: cond of block 0
-- ``block_step`` one image block through the projector and the LLM (block mode, KV cache in)
-- ``head_step``  one sampler step of the diffusion head with guidance fused in
-- ``decoder``    latents to a uint8 image
+- ``prefill``      every prompt sequence (causal), then the image-start block: cond of block 0
+- ``block_step``   one image block through the projector and the LLM (block mode, KV cache in)
+- ``head_prepare`` the x-independent part of the head (condition embedding, every step's
+                   modulations), once per block
+- ``head_step``    one sampler step of the diffusion head (its x-dependent part) with guidance
+                   fused in
+- ``decoder``      latents to a uint8 image
 
 One module per graph (its wrapper, example and random inputs, and the PyTorch reference that
 ``check`` compares against); ``exporter`` writes a directory, ``manifest`` describes and

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import EngineError
-from . import block_step, decoder, head_step, prefill
+from . import block_step, decoder, head_prepare, head_step, prefill
 from .common import EXPORT_DTYPES
 from .manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
 
@@ -57,6 +57,10 @@ def cases(model, gen: torch.Generator) -> dict[str, list[tuple[str, dict]]]:
             ("cfg", block_step.random_inputs(model, gen, 2, cache_lens * 2, 33)),
             ("no-cfg", block_step.random_inputs(model, gen, 1, [ri(1, 30)], 31)),
         ],
+        "head_prepare": [
+            ("cfg,N=6", head_prepare.random_inputs(model, gen, 4, 6)),
+            ("no-cfg,N=1", head_prepare.random_inputs(model, gen, 1, 1)),
+        ],
         "head_step": [
             ("cfg,em", head_step.random_inputs(model, gen, 2, guided=True, final=False)),
             ("no-cfg,final", head_step.random_inputs(model, gen, 1, guided=False, final=True)),
@@ -66,7 +70,8 @@ def cases(model, gen: torch.Generator) -> dict[str, list[tuple[str, dict]]]:
 
 
 REFERENCES = {"prefill": prefill.reference, "block_step": block_step.reference,
-              "head_step": head_step.reference, "decoder": decoder.reference}
+              "head_prepare": head_prepare.reference, "head_step": head_step.reference,
+              "decoder": decoder.reference}
 
 
 def _expose_decoded(path: Path, tmp: Path, dtype: str) -> str:
@@ -205,11 +210,11 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
 
 
 def format_table(rows: list[Row], dtype: str) -> str:
-    head = (f"{'graph':<11}{'case':<18}{'output':<15}{'max abs':>11}{'max rel':>11}"
+    head = (f"{'graph':<13}{'case':<18}{'output':<15}{'max abs':>11}{'max rel':>11}"
             f"{'rel/scale':>11}{'identical':>11}  result")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.graph:<11}{r.case[:17]:<18}{r.output:<15}{r.max_abs:>11.3e}"
+        lines.append(f"{r.graph:<13}{r.case[:17]:<18}{r.output:<15}{r.max_abs:>11.3e}"
                      f"{r.max_rel:>11.3e}{r.scaled_rel:>11.3e}{100 * r.identical:>10.2f}%  "
                      f"{'ok' if r.passed else 'FAIL'}")
     levels, same = IMAGE_GATE[dtype]

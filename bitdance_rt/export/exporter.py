@@ -1,4 +1,4 @@
-"""``bitdance-export``: a checkpoint to the four ONNX graphs and ``manifest.json``."""
+"""``bitdance-export``: a checkpoint to the ONNX graphs of ``GRAPHS`` and ``manifest.json``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import BitDanceModel, weights_fingerprint
 from ..errors import BitDanceError
-from . import block_step, decoder, head_step, prefill
+from . import block_step, decoder, head_prepare, head_step, prefill
 from .attention import attention_fn, attention_translations
 from .common import DTYPE_NAMES, OPSET, export_dtype, export_onnx
 from .manifest import GRAPHS, MANIFEST, describe_graph, tool_versions, write_manifest
@@ -23,10 +23,11 @@ DEFAULT_MAX_SEQ = 4608
 
 
 def graph_defs(model: BitDanceModel, attention: str):
-    """The four graphs, built lazily (each wraps modules of ``model``)."""
+    """Every graph of ``GRAPHS``, built lazily (each wraps modules of ``model``)."""
     attend = attention_fn(attention)
     return {"prefill": lambda: prefill.graph_def(model, attend),
             "block_step": lambda: block_step.graph_def(model, attend),
+            "head_prepare": lambda: head_prepare.graph_def(model),
             "head_step": lambda: head_step.graph_def(model),
             "decoder": lambda: decoder.graph_def(model)}
 
@@ -36,7 +37,7 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
                  max_seq: int = DEFAULT_MAX_SEQ, opset: int = OPSET,
                  source: dict | None = None,
                  progress: Callable[[str], None] | None = None) -> dict:
-    """Write the four graphs of ``model`` (already in the export dtype, on the CPU) and the
+    """Write the graphs of ``model`` (already in the export dtype, on the CPU) and the
     manifest into ``out_dir``; returns the manifest. ``progress`` gets one line per graph."""
     if model.dtype not in DTYPE_NAMES:
         raise BitDanceError(f"cannot export a {model.dtype} model; use fp32, fp16 or bf16")

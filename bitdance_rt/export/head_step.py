@@ -1,20 +1,25 @@
 """The ``head_step`` graph: one sampler step of the diffusion head, guidance fused in.
 
+Only the x-dependent part of the network runs here (``HeadNet.denoise``); the condition
+embedding and the modulations of every step of the block come from one ``head_prepare`` call.
+
 Inputs
-  x          ``[B, P, 32]`` float32  current sample
-  t          ``[1]`` float32         time of this network evaluation
-  coeffs     ``[3]`` float32         ``(dt, score_weight, noise_scale)`` of this step
-  noise      ``[B, P, 32]`` float32  the step's standard normal draw (any values when
-                                     noise_scale is 0)
-  cond       ``[S, P, H]`` float32   head condition; S = B (no guidance) or 2B (cond rows,
-                                     then uncond rows)
-  guidance   ``[1]`` float32         the guidance scale g (ignored when S = B)
+  x          ``[B, P, 32]`` float32     current sample
+  t          ``[1]`` float32            time of this network evaluation
+  coeffs     ``[3]`` float32            ``(dt, score_weight, noise_scale)`` of this step
+  noise      ``[B, P, 32]`` float32     the step's standard normal draw (any values when
+                                        noise_scale is 0)
+  ada_mod    ``[A, S, P, 6 C]``         this step's slice of ``head_prepare``'s outputs (export
+  final_mod  ``[S, P, 2 C]``            dtype); S = B (no guidance) or 2B (cond rows, then
+                                        uncond rows)
+  guidance   ``[1]`` float32            the guidance scale g (ignored when S = B)
 Output
   x_next     ``[B, P, 32]`` float32
 
 The step, written in :mod:`bitdance_rt.sampling`'s order of operations::
 
-    v      = (f(x, t, cond) - x) / max(1 - t, 0.05)      then v = v_u + g (v_c - v_u)
+    f      = denoise(x, (ada_mod, final_mod))            the head's x_0 prediction at time t
+    v      = (f - x) / max(1 - t, 0.05)                  then v = v_u + g (v_c - v_u)
     score  = (t v - x) / ((1 - t)^2 + t (1 - t))
     x_next = x + (v + score_weight * ((1 - t) * score)) * dt + noise_scale * noise
 
@@ -27,14 +32,12 @@ the PyTorch backend. With S = B the guidance formula reduces to v exactly (v_u =
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import LAST_STEP, T_FINAL, em_update, guide, velocity
 from .common import GraphDef, dim, tile_rows
+from .head_prepare import modulations
 
 NAME = "head_step"
 
@@ -56,32 +59,13 @@ class HeadStep(nn.Module):
         super().__init__()
         self.net = model.head.net
         self.dtype = model.dtype
-        # The sinusoid frequencies of the time embedding as a constant computed by PyTorch,
-        # exactly as :func:`~bitdance_rt.models.head.timestep_embedding` computes them. Left in
-        # the graph, exp() is evaluated elsewhere and may differ by an ulp, which at 1000 t ~ 950
-        # moves cos/sin by ~1e-5 (ten times the rest of the graph's error).
-        freq_dim = self.net.time_embed.freq_dim
-        half = freq_dim // 2
-        self.register_buffer("freqs", torch.exp(
-            -math.log(10000.0) * torch.arange(0, half, dtype=torch.float32) / half),
-            persistent=False)
 
-    def time_embedding(self, t_rows):
-        args = (1000.0 * t_rows.float())[:, None] * self.freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.net.time_embed.mlp(emb.to(self.net.time_embed.mlp[0].weight.dtype))
-
-    def network(self, x, t_rows, cond):
-        """``net(x, t, cond)`` (HeadNet.forward) with the time embedding above."""
-        net = self.net
-        y = F.silu(self.time_embedding(t_rows).unsqueeze(1) + net.cond_embed(cond))
-        return net.denoise(x, net.modulation(y))
-
-    def forward(self, x, t, coeffs, noise, cond, guidance):
-        rows, b = cond.shape[0], x.shape[0]
+    def forward(self, x, t, coeffs, noise, ada_mod, final_mod, guidance):
+        rows, b = final_mod.shape[0], x.shape[0]
         x_in = tile_rows(x, rows)
         t_rows = t.expand(rows)
-        out = self.network(x_in.to(self.dtype), t_rows, cond.to(self.dtype)).float()
+        ada = [ada_mod[i] for i in range(ada_mod.shape[0])]
+        out = self.net.denoise(x_in.to(self.dtype), (ada, final_mod)).float()
         v = (out - x_in) / (1 - t_rows.view(-1, 1, 1)).clamp_min(LAST_STEP)
         first = torch.arange(b, device=x.device)
         v_c = v.index_select(0, first)
@@ -96,14 +80,15 @@ class HeadStep(nn.Module):
 
 
 def reference(model, feeds: dict) -> dict:
-    """The same step through :mod:`bitdance_rt.sampling` and the head module (PyTorch)."""
+    """The same step through :mod:`bitdance_rt.sampling` and the head's ``denoise``
+    (PyTorch)."""
     x, t, coeffs = feeds["x"], feeds["t"], feeds["coeffs"]
-    cond, g = feeds["cond"], float(feeds["guidance"][0])
-    rows, b = cond.shape[0], x.shape[0]
+    ada, final, g = feeds["ada_mod"], feeds["final_mod"], float(feeds["guidance"][0])
+    rows, b = final.shape[0], x.shape[0]
     cfg_mult = rows // b
     x_in = torch.cat([x] * cfg_mult, dim=0)
     t_rows = t.expand(rows).clone()
-    f = model.head.net(x_in.to(model.dtype), t_rows, cond.to(model.dtype)).float()
+    f = model.head.net.denoise(x_in.to(model.dtype), (list(ada.unbind(0)), final)).float()
     v = guide(velocity(f, x_in, t_rows), g, cfg_mult)
     if float(coeffs[1]) == 0.0:  # the final Euler step
         return {"x_next": x + v * float(coeffs[0])}
@@ -111,6 +96,8 @@ def reference(model, feeds: dict) -> dict:
 
 
 def random_inputs(model, gen: torch.Generator, batch: int, guided: bool, final: bool) -> dict:
+    """A step's inputs; the modulations are those of a random condition at the step's time
+    (``head_prepare``'s PyTorch reference), so they have the scale the runtime feeds."""
     from ..sampling import time_grid
 
     spec = model.spec
@@ -118,16 +105,18 @@ def random_inputs(model, gen: torch.Generator, batch: int, guided: bool, final: 
     steps = step_inputs(*time_grid(6, spec.head.time_shift))
     t, coeffs = steps[-1] if final else steps[int(torch.randint(0, 6, (1,), generator=gen))]
     rows = 2 * batch if guided else batch
+    cond = torch.randn(rows, p, hid, generator=gen)
+    with torch.no_grad():
+        ada, final_mod = modulations(model.head.net, cond, t, model.dtype)
     return {"x": torch.randn(batch, p, c, generator=gen), "t": t, "coeffs": coeffs,
-            "noise": torch.randn(batch, p, c, generator=gen),
-            "cond": torch.randn(rows, p, hid, generator=gen),
-            "guidance": torch.tensor([4.5 if guided else 1.0])}
+            "noise": torch.randn(batch, p, c, generator=gen), "ada_mod": ada[0],
+            "final_mod": final_mod[0], "guidance": torch.tensor([4.5 if guided else 1.0])}
 
 
 def graph_def(model, batch: int = 2) -> GraphDef:
     gen = torch.Generator().manual_seed(0)
     example = random_inputs(model, gen, batch, guided=True, final=False)
     B, S = dim("batch"), dim("rows")
-    dynamic = {"x": {0: B}, "t": None, "coeffs": None, "noise": {0: B}, "cond": {0: S},
-               "guidance": None}
+    dynamic = {"x": {0: B}, "t": None, "coeffs": None, "noise": {0: B}, "ada_mod": {1: S},
+               "final_mod": {0: S}, "guidance": None}
     return GraphDef(NAME, HeadStep(model), example, dynamic, ["x_next"])

@@ -22,7 +22,7 @@ from ..errors import EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-GRAPHS = ("prefill", "block_step", "head_step", "decoder")
+GRAPHS = ("prefill", "block_step", "head_prepare", "head_step", "decoder")
 
 
 def tool_versions() -> dict:
@@ -130,7 +130,10 @@ def check_files(manifest: dict, engine_dir, names=GRAPHS) -> None:
     for name in names:
         graph = manifest["graphs"].get(name)
         if graph is None:
-            raise EngineError(f"{d / MANIFEST} lists no {name!r} graph; re-run the export")
+            raise EngineError(
+                f"{d / MANIFEST} lists no {name!r} graph: {d} was written by another version "
+                "of bitdance-export, whose graphs this version cannot run; re-export it with "
+                f"`bitdance-export --checkpoint CKPT --out {d}`")
         for f, size in graph["files"].items():
             path = d / f
             if not path.is_file():

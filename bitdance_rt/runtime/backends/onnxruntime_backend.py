@@ -26,7 +26,7 @@ from ...export.head_step import step_inputs
 from ...export.manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
 from ...models.kv_cache import StaticKVCache
 from ...models.posemb import tokens_to_latent
-from ...sampling import time_grid
+from ...sampling import step_times, time_grid
 from ..backend import Backend, ImagePlan
 from ..buffers import available_memory, block_posembs, ensure_cache_fits
 
@@ -37,7 +37,8 @@ ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int
 GRAPH_INPUTS = {
     "prefill": {"input_ids", "positions", "input_lens", "block_ids", "pe"},
     "block_step": {"tokens", "pe", "pe_next", "k_cache", "v_cache", "cache_lens"},
-    "head_step": {"x", "t", "coeffs", "noise", "cond", "guidance"},
+    "head_prepare": {"cond", "times"},
+    "head_step": {"x", "t", "coeffs", "noise", "ada_mod", "final_mod", "guidance"},
     "decoder": {"latent"},
 }
 
@@ -110,8 +111,10 @@ class OnnxRuntimeBackend(Backend):
         have = {i.name for i in session.get_inputs()}
         if not GRAPH_INPUTS[name] <= have:
             raise EngineError(
-                f"graph file {path} lacks the inputs {sorted(GRAPH_INPUTS[name] - have)}; it was "
-                "written by another version of bitdance-export, re-run the export")
+                f"graph file {path} lacks the inputs {sorted(GRAPH_INPUTS[name] - have)}: it was "
+                "written by another version of bitdance-export, whose graphs this version cannot "
+                f"run; re-export it with `bitdance-export --checkpoint CKPT --out "
+                f"{self.engine_dir}`")
         return session
 
     def _run(self, name: str, inputs: dict, outputs: dict) -> None:
@@ -136,11 +139,14 @@ class OnnxRuntimeBackend(Backend):
         return sum(self.manifest["graphs"][name]["files"].values())
 
     def weight_bytes(self, plan: ImagePlan) -> dict:
-        """Approximate: the graphs' file sizes (weights dominate them)."""
+        """Approximate: the graphs' file sizes (weights dominate them). Per block the head
+        reads ``head_prepare`` (the x-independent part) once and ``head_step`` N + 1 times;
+        its calls are those graph calls."""
         return {"prefill": self._graph_bytes("prefill"), "prefill_calls": 1,
                 "block_step": self._graph_bytes("block_step"),
-                "head": (plan.steps + 1) * self._graph_bytes("head_step"),
-                "head_calls": plan.steps + 1, "decode": self._graph_bytes("decoder")}
+                "head": (self._graph_bytes("head_prepare")
+                         + (plan.steps + 1) * self._graph_bytes("head_step")),
+                "head_calls": plan.steps + 2, "decode": self._graph_bytes("decoder")}
 
     def _check_limits(self, plan: ImagePlan) -> None:
         max_batch, max_seq = self.limits.get("max_batch"), self.limits.get("max_seq")
@@ -168,6 +174,13 @@ class OnnxRuntimeBackend(Backend):
             self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, dev)
             ts, dts = time_grid(plan.steps, self.spec.head.time_shift)
             self.steps = [(t.to(dev), c.to(dev)) for t, c in step_inputs(ts, dts)]
+            self.times = torch.stack(step_times(ts)).to(dev)
+            # head_prepare's outputs (export dtype), one slice per step, written once per block
+            head, p, n = self.spec.head, self.parallel_num, plan.steps + 1
+            blocks, c = head.depth_adanln, head.ch_latent
+            self.ada_mod = torch.empty((n, blocks, rows, p, 6 * c), dtype=self.kv_dtype,
+                                       device=dev)
+            self.final_mod = torch.empty((n, rows, p, 2 * c), dtype=self.kv_dtype, device=dev)
             self.guidance = torch.tensor([plan.guidance], dtype=torch.float32, device=dev)
         else:
             self.cache_k.zero_()
@@ -222,13 +235,17 @@ class OnnxRuntimeBackend(Backend):
         return cond
 
     def sample_head(self, cond: torch.Tensor, noise: list) -> torch.Tensor:
+        """One ``head_prepare`` call (every step's modulations), then N + 1 ``head_step``
+        calls, step k bound to slice k of those outputs (a view: no copy)."""
+        self._run("head_prepare", {"cond": cond, "times": self.times},
+                  {"ada_mod": self.ada_mod, "final_mod": self.final_mod})
         x = noise[0]
-        cond = cond.contiguous()
         for k, (t, coeffs) in enumerate(self.steps):
             step_noise = noise[k + 1] if k + 1 < len(noise) else x  # final step: unused (x 0)
             out = torch.empty_like(x)
             self._run("head_step", {"x": x, "t": t, "coeffs": coeffs, "noise": step_noise,
-                                    "cond": cond, "guidance": self.guidance}, {"x_next": out})
+                                    "ada_mod": self.ada_mod[k], "final_mod": self.final_mod[k],
+                                    "guidance": self.guidance}, {"x_next": out})
             x = out
         return x
 
