@@ -101,6 +101,11 @@ class OnnxRuntimeBackend(Backend):
         path = self.engine_dir / graph["file"]
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        if self.device.type == "cpu":
+            # Each session has its own intra-op threads, which by default keep spinning after a
+            # run; the spinning threads of the graph that just ran then take the cores from the
+            # next graph's (head_prepare, head_step and block_step alternate every block).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as e:  # ORT raises several types for unreadable or invalid models
