@@ -239,13 +239,14 @@ def main(argv=None):
               f"{floor['llm_s']:.3f}, head {floor['head_s']:.3f}, decoder {floor['decoder_s']:.3f})")
         for n in names:
             print(f"{n}: {results[n]['total_s'] / floor['total_s']:.2f}x the floor")
-    out = {"results": results, "floor": floor,
+    out = {"results": results,
            "config": {"preset": args.preset, "weights": args.weights, "height": args.height,
                       "width": args.width, "steps": args.steps, "guidance": args.guidance,
                       "num_images": args.num_images, "repeats": args.repeats,
                       "dtype": dtype_name, "cuda_graphs": args.cuda_graphs,
                       "compile": args.compile, "model": model.spec.name},
-           "machine": machine_info(args.device)}
+           "machine": {**machine_info(args.device),
+                       **({"weight_floor": floor} if floor else {})}}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")

@@ -238,8 +238,8 @@ def export_main(
     attention: str = typer.Option("standard", help="standard (ONNX operators; runs in ONNX "
                                   "Runtime) or plugin (custom bitdance::kv_attention node for the TensorRT plugin)."),
 ):
-    """Export a checkpoint to ONNX graphs (prefill, block_step, head_step, decoder) and a
-    manifest: `bitdance-export --checkpoint DIR --out DIR`. Subcommands below."""
+    """Export a checkpoint to ONNX graphs (prefill, block_step, head_prepare, head_step,
+    decoder) and a manifest: `bitdance-export --checkpoint DIR --out DIR`. Subcommands below."""
     DEBUG["on"] = debug
     if ctx.invoked_subcommand is not None:
         return
