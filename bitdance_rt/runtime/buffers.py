@@ -21,13 +21,25 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62
 
 
-def ensure_cache_fits(need: int, have: int, rows: int, max_len: int, device) -> None:
-    """Refuse, before allocating, a KV cache that would not fit in ``have`` bytes."""
-    if need > 0.9 * have:
+def modulation_bytes(spec, rows: int, steps: int, dtype) -> int:
+    """The head's x-independent outputs kept for a block: the adaLN modulations of every shared
+    block and of the final layer, for each of the N + 1 step times (about 0.9 GB for the 14B
+    head with guidance, N = 50, one image, bf16)."""
+    c, itemsize = spec.head.ch_latent, torch.empty((), dtype=dtype).element_size()
+    per_row = spec.parallel_num * (spec.head.depth_adanln * 6 * c + 2 * c)
+    return (steps + 1) * rows * per_row * itemsize
+
+
+def ensure_cache_fits(need: int, have: int, rows: int, max_len: int, device,
+                      extra: int = 0) -> None:
+    """Refuse, before allocating, a KV cache (``need`` bytes) that would not fit in ``have``
+    bytes together with the ``extra`` bytes of other per-plan buffers."""
+    if need + extra > 0.9 * have:
         raise ResourceError(
             f"the KV cache for {rows} sequences of {max_len} tokens needs {need / 2**30:.1f} "
-            f"GiB but only {have / 2**30:.1f} GiB is free on {device}; generate fewer "
-            "images at once (--num-images) or a smaller size")
+            f"GiB (and the head's modulations {extra / 2**30:.1f} GiB) but only "
+            f"{have / 2**30:.1f} GiB is free on {device}; generate fewer images at once "
+            "(--num-images) or a smaller size")
 
 
 def block_posembs(spec, h: int, w: int, device) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ...models.kv_cache import StaticKVCache
 from ...models.posemb import tokens_to_latent
 from ...sampling import step_times, time_grid
 from ..backend import Backend, ImagePlan
-from ..buffers import available_memory, block_posembs, ensure_cache_fits
+from ..buffers import available_memory, block_posembs, ensure_cache_fits, modulation_bytes
 
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
@@ -173,7 +173,8 @@ class OnnxRuntimeBackend(Backend):
             self._key, self.cache_k, self.cache_v = key, None, None
             shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len, cfg.head_dim)
             need = StaticKVCache.nbytes_for(*shape[:4], cfg.head_dim, self.kv_dtype)
-            ensure_cache_fits(need, available_memory(dev), rows, max_len, dev)
+            ensure_cache_fits(need, available_memory(dev), rows, max_len, dev,
+                              extra=modulation_bytes(self.spec, rows, plan.steps, self.kv_dtype))
             self.cache_k = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
             self.cache_v = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
             self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, dev)

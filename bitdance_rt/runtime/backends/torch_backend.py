@@ -16,7 +16,7 @@ from ...models.kv_cache import StaticKVCache
 from ...pipeline import decode_tokens
 from ...sampling import sample_block_premodulated, time_grid
 from ..backend import Backend, ImagePlan
-from ..buffers import available_memory, block_posembs, ensure_cache_fits
+from ..buffers import available_memory, block_posembs, ensure_cache_fits, modulation_bytes
 from ..timing import module_bytes
 
 
@@ -79,7 +79,8 @@ class TorchBackend(Backend):
         self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, self.device)
         need = StaticKVCache.nbytes_for(cfg.num_hidden_layers, rows, cfg.num_key_value_heads,
                                         max_len, cfg.head_dim, self.dtype)
-        ensure_cache_fits(need, available_memory(self.device), rows, max_len, self.device)
+        ensure_cache_fits(need, available_memory(self.device), rows, max_len, self.device,
+                          extra=modulation_bytes(self.spec, rows, plan.steps, self.dtype))
         self.cache = StaticKVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len,
                                    cfg.head_dim, self.dtype, self.device, attention=self.attention)
 
