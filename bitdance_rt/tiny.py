@@ -96,11 +96,17 @@ def randomize_(module: nn.Module, gen: torch.Generator) -> None:
         p.copy_(value.to(p.dtype))
 
 
-def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool = False) -> Path:
-    """Write a complete random-weight checkpoint (float32) to ``out_dir``; returns the path."""
+SIZES = ("tiny", "mid")
+
+
+def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool = False,
+              size: str = "tiny") -> Path:
+    """Write a complete random-weight checkpoint (float32) to ``out_dir``; returns the path.
+
+    ``size`` "tiny" (15 MB, for tests) or "mid" (the CPU benchmark preset, about 150 MB)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import _preset_tiny
+    from .checkpoint import _preset_mid, _preset_tiny
     from .models.autoencoder import BinaryAutoencoder
     from .models.head import DiffusionHead
     from .models.projector import Projector
@@ -109,9 +115,11 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
     if parallel_num not in SUPPORTED_PARALLEL:
         raise BitDanceError(
             f"--parallel-num must be one of {list(SUPPORTED_PARALLEL)}, got {parallel_num}")
+    if size not in SIZES:
+        raise BitDanceError(f"--size must be one of {list(SIZES)}, got {size!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = _preset_tiny(parallel_num)
+    spec = (_preset_tiny if size == "tiny" else _preset_mid)(parallel_num)
     ae_cfg = spec.ae.__class__(**{**spec.ae.__dict__, "gan_decoder": gan_decoder})
     gen = torch.Generator().manual_seed(seed)
 
