@@ -71,6 +71,16 @@ def test_tiny_rejects_bad_parallel(tmp_path):
         make_tiny(tmp_path, parallel_num=8)
 
 
+def test_mid_checkpoint_is_the_mid_preset(tmp_path):
+    from bitdance_rt.errors import BitDanceError
+
+    path = make_tiny(tmp_path / "mid", parallel_num=16, seed=1, size="mid")
+    model = load_checkpoint(path, weights=False)
+    assert model.spec.config_hash() == preset("mid").config_hash()
+    with pytest.raises(BitDanceError, match="--size"):
+        make_tiny(tmp_path / "x", size="huge")
+
+
 def test_tokenizer_matches_transformers(tiny_ckpt):
     transformers = pytest.importorskip("transformers")
     ours = load_checkpoint(tiny_ckpt).tokenizer
