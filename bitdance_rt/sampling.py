@@ -91,6 +91,21 @@ def step_times(ts) -> list:
     return list(ts) + [torch.full((), T_FINAL, dtype=torch.float32, device=ts[0].device)]
 
 
+def head_modulations(net, cond: torch.Tensor, times, dtype=torch.float32):
+    """The x-independent outputs of a :class:`~bitdance_rt.models.head.HeadNet` for each time
+    in ``times`` (0-d tensors): ``(ada, final)``, ``ada`` a list with one
+    ``[len(times), R, P, 6C]`` tensor per shared adaLN block, ``final`` ``[len(times), R, P,
+    2C]``. Each time is embedded on its own ``[R]`` rows, as the per-step network does."""
+    rows, device = cond.shape[0], cond.device
+    c_emb = net.cond_embed(cond.to(dtype))
+    ys = []
+    for t in times:
+        t_rows = torch.full((rows,), 0.0, device=device)
+        t_rows[:] = t.to(device)
+        ys.append(F.silu(net.time_embed(t_rows).unsqueeze(1) + c_emb))
+    return net.modulation(torch.stack(ys))
+
+
 def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance: float, ts, dts,
                               dtype=torch.float32, denoise=None) -> torch.Tensor:
     """Same result as :func:`sample_block`, cheaper: everything of the head that does not
@@ -104,13 +119,7 @@ def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance: float, t
     """
     denoise = denoise or net.denoise
     rows, device = cond.shape[0], cond.device
-    c_emb = net.cond_embed(cond.to(dtype))
-    ys = []
-    for t in step_times(ts):
-        t_rows = torch.full((rows,), 0.0, device=device)
-        t_rows[:] = t.to(device)
-        ys.append(F.silu(net.time_embed(t_rows).unsqueeze(1) + c_emb))
-    ada, final = net.modulation(torch.stack(ys))  # leading dim: step
-    per_step = [([a[k] for a in ada], final[k]) for k in range(len(ys))]
+    ada, final = head_modulations(net, cond, step_times(ts), dtype)  # leading dim: step
+    per_step = [([a[k] for a in ada], final[k]) for k in range(final.shape[0])]
     return run_sampler(lambda x_in, k, _t: denoise(x_in.to(dtype), per_step[k]), rows, device,
                        noise, guidance, ts, dts)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sampling import step_times
+from ..sampling import head_modulations, step_times
 from .common import GraphDef, dim
 
 NAME = "head_prepare"
@@ -67,14 +67,7 @@ def modulations(net, cond: torch.Tensor, times, dtype=torch.float32):
     """``(ada_mod, final_mod)`` in PyTorch, row by row as
     :func:`~bitdance_rt.sampling.sample_block_premodulated` computes them (``times``: the
     ``N + 1`` step times)."""
-    rows, device = cond.shape[0], cond.device
-    c_emb = net.cond_embed(cond.to(dtype))
-    ys = []
-    for t in times:
-        t_rows = torch.full((rows,), 0.0, device=device)
-        t_rows[:] = t.to(device)
-        ys.append(F.silu(net.time_embed(t_rows).unsqueeze(1) + c_emb))
-    ada, final = net.modulation(torch.stack(ys))
+    ada, final = head_modulations(net, cond, times, dtype)
     return torch.stack(ada, dim=1), final
 
 
