@@ -226,6 +226,24 @@ def test_triton_int64_lens_and_explicit_config():
     torch.testing.assert_close(kc, kc2, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(DEV != "cpu", reason="interpreter emulation: the GPU test below measures it")
+@needs_triton
+@pytest.mark.parametrize("lens", [[200, 4200], [2200, 2163]])
+def test_interpreted_14b_shapes_bf16(lens):
+    """The GPU acceptance case run through the Triton interpreter (bf16 operands, fp32
+    accumulation, P rounded to bf16 as on the GPU): a CPU forecast of the bf16 error, about
+    4e-3 to 7e-3 here against fp32 SDPA (bf16 SDPA on the CPU: 2e-3 to 3e-3). About 30 s a case."""
+    B, Hq, Hkv, T, D = 2, 40, 8, 64, 128
+    S = max(lens) + T + 32
+    q, kn, vn, kc, vc, lens_t = make_case(B, Hq, Hkv, T, D, S, lens, dtype=torch.bfloat16, seed=11)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = ta.kv_attention_triton(q, kn, vn, kc, vc, lens_t, "block")
+    ref = sdpa_oracle(q, kn, vn, kc0, vc0, lens, "block")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @pytest.mark.gpu
