@@ -49,11 +49,53 @@ def timed(fn, device, iters):
     return (time.perf_counter() - t0) / iters
 
 
+SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+         for m, n, w, st in [(64, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 128, 8, 2),
+                             (32, 64, 4, 3), (32, 128, 4, 2), (128, 64, 8, 2), (16, 64, 4, 3)]]
+
+
+def config_sweep(dev, dtype, hq, hkv, d, t, n, iters) -> list[dict]:
+    """The Triton kernel at one cache length under several block sizes: time per call and
+    error against fp32 SDPA, so one GPU session gathers the data for tuning ``pick_config``
+    (the first row is its current choice for the 14b shapes)."""
+    from bitdance_rt.plugins.triton_attention import kv_attention_triton, pick_config
+
+    gen = torch.Generator(dev).manual_seed(1)
+    lens = [n, max(1, n - 37)]
+    s_max = n + t
+    q, kn, vn = (torch.randn(2, h, t, d, device=dev, generator=gen) for h in (hq, hkv, hkv))
+    kc, vc = (torch.randn(2, hkv, s_max, d, device=dev, generator=gen) for _ in range(2))
+    ref = sdpa_concat(q, kn, vn, (kc, vc), lens)
+    low = [x.to(dtype) for x in (q, kn, vn, kc, vc)]
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
+    print(f"\nkernel block sizes at cache length {n} (current choice: "
+          f"{pick_config(hq // hkv * t, d, dtype)})")
+    print(f"{'BLOCK_M':>8}{'BLOCK_N':>8}{'warps':>6}{'stages':>7}{'ms':>9}{'rel err':>10}")
+    rows = []
+    for cfg in SWEEP:
+        try:
+            out = kv_attention_triton(*low, lens_t, "block", config=cfg).float()
+            err = (out - ref).abs().max().item() / ref.abs().max().item()
+            ms = timed(lambda: kv_attention_triton(*low, lens_t, "block", config=cfg), dev,
+                       iters) * 1e3
+        except Exception as e:  # e.g. out of shared memory for this tile size
+            print(f"{cfg['BLOCK_M']:>8}{cfg['BLOCK_N']:>8}{cfg['num_warps']:>6}"
+                  f"{cfg['num_stages']:>7}  failed: {type(e).__name__}: {str(e)[:80]}")
+            rows.append(dict(cfg, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
+        print(f"{cfg['BLOCK_M']:>8}{cfg['BLOCK_N']:>8}{cfg['num_warps']:>6}{cfg['num_stages']:>7}"
+              f"{ms:>9.3f}{err:>10.2e}")
+        rows.append(dict(cfg, ms=ms, rel_err=err))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="small shapes (CPU smoke run)")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip the kernel block-size sweep (CUDA only) at the longest cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -88,8 +130,11 @@ def main(argv=None):
                          ours_rel_err=err_ours, sdpa_rel_err=err_sdpa))
         print(f"{n:>10}{t_ours * 1e3:>10.3f}{t_sdpa * 1e3:>13.3f}{t_sdpa / t_ours:>8.2f}x"
               f"{err_ours:>10.2e}{err_sdpa:>10.2e}")
+    sweep = config_sweep(dev, dtype, hq, hkv, d, t, lens_list[-1], args.iters) \
+        if dev.type == "cuda" and not args.no_sweep else []
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "dtype": str(dtype), "shapes": dict(B=2, Hq=hq, Hkv=hkv, D=d, T=t), "rows": rows}
+           "dtype": str(dtype), "shapes": dict(B=2, Hq=hq, Hkv=hkv, D=d, T=t), "rows": rows,
+           "sweep": sweep}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out

@@ -10,7 +10,8 @@
 #   1. bench/latency.py: 14b-64x with random weights at 1024x1024, N = 50, g = 7.5,
 #      reference against torch (CUDA graphs, bf16), per-stage table and block-step growth.
 #   2. bench/attention.py: bf16 error against fp32 SDPA and time per call, ours against SDPA over
-#      a concatenated cache (B = 2, Hq 40, Hkv 8, D 128, T 64, cache lengths 200 .. 4200).
+#      a concatenated cache (B = 2, Hq 40, Hkv 8, D 128, T 64, cache lengths 200 .. 4200),
+#      then the kernel under eight block-size configurations at the longest cache (tuning data).
 #   3. pytest -m gpu: Triton kernel at 14b shapes in bf16, CUDA graphs against eager.
 #   4. bench/agreement.py: identical tokens and pixels, torch backend against the reference, on
 #      make-tiny checkpoints in fp32 and bf16.
@@ -57,12 +58,12 @@ else
   LAT=(--preset 14b-64x --height 1024 --width 1024 --steps 50 --replay 10)
 fi
 
-step latency 300 "$PY" bench/latency.py "${DEV[@]}" "${LAT[@]}" --weights random \
+step latency 280 "$PY" bench/latency.py "${DEV[@]}" "${LAT[@]}" --weights random \
   --backends reference,torch --guidance 7.5 --warmup 1 --repeats 1 --json "$OUT/latency.json"
-step attention 60 "$PY" bench/attention.py "${DEV[@]}" "${ATTN[@]}" --json "$OUT/attention.json"
-step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+step attention 110 "$PY" bench/attention.py "${DEV[@]}" "${ATTN[@]}" --json "$OUT/attention.json"
+step pytest_gpu 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
   tests/test_plugins_attention.py tests/test_runtime.py
-step agreement 90 "$PY" bench/agreement.py "${DEV[@]}" "${AGREE[@]}"
+step agreement 80 "$PY" bench/agreement.py "${DEV[@]}" "${AGREE[@]}"
 
 echo "== summary"
 cat "$SUMMARY"
