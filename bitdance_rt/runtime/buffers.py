@@ -1,8 +1,9 @@
 """Per-size buffers every backend needs: the memory check for its KV cache and the position
-embeddings of the image blocks."""
+embeddings of the image blocks, and the shapes of the head's per-block modulations."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -21,13 +22,19 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62
 
 
+def modulation_shapes(spec, rows: int, steps: int) -> tuple[tuple, tuple]:
+    """The head's x-independent outputs kept for a block, for each of the N + 1 step times:
+    the adaLN modulations of every shared block ``[N + 1, A, rows, P, 6C]`` and of the final
+    layer ``[N + 1, rows, P, 2C]``."""
+    n, p, c = steps + 1, spec.parallel_num, spec.head.ch_latent
+    return (n, spec.head.depth_adanln, rows, p, 6 * c), (n, rows, p, 2 * c)
+
+
 def modulation_bytes(spec, rows: int, steps: int, dtype) -> int:
-    """The head's x-independent outputs kept for a block: the adaLN modulations of every shared
-    block and of the final layer, for each of the N + 1 step times (about 0.9 GB for the 14B
-    head with guidance, N = 50, one image, bf16)."""
-    c, itemsize = spec.head.ch_latent, torch.empty((), dtype=dtype).element_size()
-    per_row = spec.parallel_num * (spec.head.depth_adanln * 6 * c + 2 * c)
-    return (steps + 1) * rows * per_row * itemsize
+    """Bytes of :func:`modulation_shapes` (about 0.9 GB for the 14B head with guidance,
+    N = 50, one image, bf16)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(s) for s in modulation_shapes(spec, rows, steps)) * itemsize
 
 
 def ensure_cache_fits(need: int, have: int, rows: int, max_len: int, device,

@@ -28,7 +28,8 @@ from ...models.kv_cache import StaticKVCache
 from ...models.posemb import tokens_to_latent
 from ...sampling import step_times, time_grid
 from ..backend import Backend, ImagePlan
-from ..buffers import available_memory, block_posembs, ensure_cache_fits, modulation_bytes
+from ..buffers import (available_memory, block_posembs, ensure_cache_fits, modulation_bytes,
+                       modulation_shapes)
 
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
@@ -182,11 +183,9 @@ class OnnxRuntimeBackend(Backend):
             self.steps = [(t.to(dev), c.to(dev)) for t, c in step_inputs(ts, dts)]
             self.times = torch.stack(step_times(ts)).to(dev)
             # head_prepare's outputs (export dtype), one slice per step, written once per block
-            head, p, n = self.spec.head, self.parallel_num, plan.steps + 1
-            blocks, c = head.depth_adanln, head.ch_latent
-            self.ada_mod = torch.empty((n, blocks, rows, p, 6 * c), dtype=self.kv_dtype,
-                                       device=dev)
-            self.final_mod = torch.empty((n, rows, p, 2 * c), dtype=self.kv_dtype, device=dev)
+            ada_shape, final_shape = modulation_shapes(self.spec, rows, plan.steps)
+            self.ada_mod = torch.empty(ada_shape, dtype=self.kv_dtype, device=dev)
+            self.final_mod = torch.empty(final_shape, dtype=self.kv_dtype, device=dev)
             self.guidance = torch.tensor([plan.guidance], dtype=torch.float32, device=dev)
         else:
             self.cache_k.zero_()
