@@ -61,6 +61,27 @@ def test_plugin_op_and_plain_attention_agree(tiny16_ckpt):
     assert identical_fraction(a, b) >= 0.999
 
 
+def _cxx_compiler():
+    import os
+    import shutil
+
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.mark.skipif(not _cxx_compiler(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_head_gives_the_same_image(tiny_ckpt):
+    """``--compile`` (the head's x-dependent network through torch.compile) keeps the image."""
+    torch._dynamo.reset()
+    model = load_checkpoint(tiny_ckpt)
+    req = GenerationRequest("compiled", 256, 896, steps=2, guidance=3.0, seed=8)
+    plan = plan_for(model, req)
+    eager = generate(TorchBackend(model), plan, req.seed)
+    be = TorchBackend(model, compile=True)
+    compiled = generate(be, plan, req.seed)
+    assert be.denoise is not None
+    assert identical_fraction(eager, compiled) >= 0.999
+
+
 def test_one_llm_call_per_block_and_reuse(tiny16_ckpt):
     model = load_checkpoint(tiny16_ckpt)
     backend = TorchBackend(model)
