@@ -257,6 +257,25 @@ def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, monkeypatch, guidance, ima
     assert not problems, f"graph bodies call ops a CUDA graph capture refuses: {set(problems)}"
 
 
+@pytest.mark.slow
+def test_bf16_graph_bodies_match_reference_on_cpu(tiny16_ckpt, monkeypatch):
+    """bfloat16, the default dtype on CUDA, through the eager path and the graph bodies on the
+    CPU: the same image as the reference in bfloat16 (about 4 min: bf16 matmuls are slow here)."""
+    model = load_checkpoint(tiny16_ckpt, dtype=torch.bfloat16)
+    req = GenerationRequest("bf16", 256, 1024, steps=2, guidance=4.0, seed=4)
+    plan = plan_for(model, req)
+    ref = ReferencePipeline(model).generate(req)
+    eager = generate(TorchBackend(model, cuda_graphs=False), plan, req.seed)
+    problems = []
+    monkeypatch.setattr(torch_backend, "_capture", lambda fn: _eager_capture(fn, problems))
+    be = TorchBackend(model, cuda_graphs=False)
+    be.cuda_graphs = True
+    graphs = generate(be, plan, req.seed)
+    assert identical_fraction(ref, eager) >= 0.999
+    assert identical_fraction(eager, graphs) >= 0.999
+    assert not problems, f"graph bodies call ops a CUDA graph capture refuses: {set(problems)}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_match_eager(tiny16_ckpt):
