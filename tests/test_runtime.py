@@ -1,6 +1,8 @@
 """The runtime's AR loop with the PyTorch backend against the eager reference pipeline."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,9 +64,6 @@ def test_plugin_op_and_plain_attention_agree(tiny16_ckpt):
 
 
 def _cxx_compiler():
-    import os
-    import shutil
-
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
 
@@ -239,6 +238,16 @@ def _eager_capture(fn, problems):
     return SimpleNamespace(replay=lambda: out.copy_(body())), out
 
 
+def _graph_bodies_backend(model, monkeypatch):
+    """A torch backend on the CPU that takes its CUDA-graph code paths, with every capture
+    replaced by ``_eager_capture``; returns it and the list the capture lint fills."""
+    problems = []
+    monkeypatch.setattr(torch_backend, "_capture", lambda fn: _eager_capture(fn, problems))
+    be = TorchBackend(model, cuda_graphs=False)
+    be.cuda_graphs = True  # the graph code paths, run eagerly on the CPU
+    return be, problems
+
+
 @pytest.mark.parametrize("guidance,images", [(4.0, 1), (1.0, 2)])
 def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, monkeypatch, guidance, images):
     model = load_checkpoint(tiny16_ckpt)
@@ -246,10 +255,7 @@ def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, monkeypatch, guidance, ima
                             num_images=images)
     plan = plan_for(model, req)
     eager = generate(TorchBackend(model, cuda_graphs=False), plan, req.seed)
-    problems = []
-    monkeypatch.setattr(torch_backend, "_capture", lambda fn: _eager_capture(fn, problems))
-    be = TorchBackend(model, cuda_graphs=False)
-    be.cuda_graphs = True  # the graph code paths, run eagerly on the CPU
+    be, problems = _graph_bodies_backend(model, monkeypatch)
     first = generate(be, plan, req.seed)
     assert be._block_graph is not None and be._head_graphs
     second = generate(be, plan, req.seed)  # same plan: the captured bodies are reused
@@ -266,10 +272,7 @@ def test_bf16_graph_bodies_match_reference_on_cpu(tiny16_ckpt, monkeypatch):
     plan = plan_for(model, req)
     ref = ReferencePipeline(model).generate(req)
     eager = generate(TorchBackend(model, cuda_graphs=False), plan, req.seed)
-    problems = []
-    monkeypatch.setattr(torch_backend, "_capture", lambda fn: _eager_capture(fn, problems))
-    be = TorchBackend(model, cuda_graphs=False)
-    be.cuda_graphs = True
+    be, problems = _graph_bodies_backend(model, monkeypatch)
     graphs = generate(be, plan, req.seed)
     assert identical_fraction(ref, eager) >= 0.999
     assert identical_fraction(eager, graphs) >= 0.999
