@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bitdance_rt.checkpoint import DTYPES, load_checkpoint  # noqa: E402
-from bitdance_rt.pipeline import GenerationRequest, ReferencePipeline  # noqa: E402
-from bitdance_rt.runtime import generate, generate_tokens, plan_for  # noqa: E402
+from bitdance_rt import dtypes  # noqa: E402
+from bitdance_rt.checkpoint import load_checkpoint  # noqa: E402
+from bitdance_rt.request import GenerationRequest, plan_for  # noqa: E402
+from bitdance_rt.runtime import generate, generate_tokens  # noqa: E402
+from bitdance_rt.runtime.backends.reference import ReferenceBackend  # noqa: E402
 from bitdance_rt.runtime.backends.torch_backend import TorchBackend  # noqa: E402
 from bitdance_rt.tiny import make_tiny  # noqa: E402
 
@@ -39,23 +41,29 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--cases", default=None,
+                    help="P:HxW,... (default: " + ",".join(f"{p}:{h}x{w}" for p, h, w in CASES) + ")")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cases = CASES
+    if args.cases:
+        cases = [(int(c.split(":")[0]), *map(int, c.split(":")[1].split("x")))
+                 for c in args.cases.split(",")]
     dtypes = (args.dtypes or ("float32,bfloat16" if args.device.startswith("cuda") else "float32"))
     rows = []
     print(f"{'P':>3}{'size':>10}{'dtype':>10}{'tokens':>9}{'pixels':>9}{'seconds':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        for p, height, width in CASES:
+        for p, height, width in cases:
             ckpt = make_tiny(Path(tmp) / f"tiny{p}", parallel_num=p, seed=p)
             for dtype in dtypes.split(","):
                 t0 = time.perf_counter()
-                model = load_checkpoint(ckpt, dtype=DTYPES[dtype], device=args.device)
+                model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype), device=args.device)
                 req = GenerationRequest("agreement", height, width, args.steps, args.guidance,
                                         args.seed)
                 plan = plan_for(model, req)
-                pipe = ReferencePipeline(model)
-                ref_tokens = pipe.generate_tokens(plan, req.seed)
-                ref_image = pipe.generate_plan(plan, req.seed)
+                ref = ReferenceBackend(model)
+                ref_tokens = generate_tokens(ref, plan, req.seed)
+                ref_image = generate(ref, plan, req.seed)
                 be = TorchBackend(model)
                 tokens = generate_tokens(be, plan, req.seed)
                 image = generate(be, plan, req.seed)

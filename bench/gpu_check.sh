@@ -51,7 +51,7 @@ step() {  # step NAME LIMIT_S CMD...
 cat "$OUT/env.txt"
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEV=(--device cpu) ATTN=(--small --iters 2) AGREE=(--steps 1)
+  DEV=(--device cpu) ATTN=(--small --iters 2) AGREE=(--steps 1 --cases 4:256x896,16:256x1024)
   LAT=(--preset tiny --height 256 --width 896 --steps 2 --replay 2)
 else
   DEV=() ATTN=() AGREE=()

@@ -26,10 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bitdance_rt.checkpoint import DTYPES, load_checkpoint, preset, random_model  # noqa: E402
-from bitdance_rt.pipeline import GenerationRequest, ReferencePipeline, check_size  # noqa: E402
-from bitdance_rt.runtime import ImagePlan, StageTimer, generate, plan_for  # noqa: E402
+from bitdance_rt import dtypes  # noqa: E402
+from bitdance_rt.checkpoint import load_checkpoint  # noqa: E402
+from bitdance_rt.request import GenerationRequest, ImagePlan, plan_for  # noqa: E402
+from bitdance_rt.runtime import StageTimer, generate  # noqa: E402
+from bitdance_rt.runtime.session import make_backend  # noqa: E402
 from bitdance_rt.runtime.timing import STAGES  # noqa: E402
+from bitdance_rt.spec import check_size, preset  # noqa: E402
+from bitdance_rt.tiny import random_model  # noqa: E402
 
 PROMPT = "A lighthouse on a rocky coast at dusk, waves crashing, warm light in the windows"
 
@@ -38,28 +42,16 @@ def synthetic_plan(spec, h, w, images, steps, guidance) -> ImagePlan:
     """Token ids for a model without a tokenizer: a 32-token prompt, a 5-token unconditional
     prompt, and P + 2 image tokens (any valid ids: the weights are random anyway)."""
     vocab, p = spec.llm.vocab_size, spec.parallel_num
-    image = [(7919 * i + 13) % vocab for i in range(p + 2)]
-    seqs = [[(104729 * i + 1) % vocab for i in range(32)] + image]
-    if guidance > 1.0:
-        seqs.append([(15485863 * i + 5) % vocab for i in range(5)] + image)
-    return ImagePlan(h=h, w=w, images=images, seq_ids=tuple(map(tuple, seqs)), steps=steps,
+    image = tuple((7919 * i + 13) % vocab for i in range(p + 2))
+    cond = tuple((104729 * i + 1) % vocab for i in range(32)) + image
+    uncond = tuple((15485863 * i + 5) % vocab for i in range(5)) + image
+    return ImagePlan(h=h, w=w, cond_ids=(cond,) * images,
+                     uncond_ids=uncond if guidance > 1.0 else None, steps=steps,
                      guidance=guidance)
 
 
 def make_runner(name, model, args):
-    if name == "reference":
-        pipe = ReferencePipeline(model)
-        return lambda plan, timer: pipe.generate_plan(plan, args.seed, timer=timer)
-    if name == "torch":
-        from bitdance_rt.runtime.backends.torch_backend import TorchBackend
-
-        be = TorchBackend(model, cuda_graphs=args.cuda_graphs, compile=args.compile)
-    elif name == "onnxruntime":
-        from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-
-        be = OnnxRuntimeBackend(model, args.engine_dir)
-    else:
-        raise SystemExit(f"unknown backend {name!r}")
+    be = make_backend(name, model, args.engine_dir, args.cuda_graphs, args.compile)
     run = lambda plan, timer: generate(be, plan, args.seed, timer)  # noqa: E731
     run.backend = be
     return run
@@ -173,7 +165,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    dtype = DTYPES[dtype_name]
+    dtype = dtypes.parse(dtype_name)
     h, w = check_size(args.height, args.width)
     t0 = time.perf_counter()
     if args.weights == "random":

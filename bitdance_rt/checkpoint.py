@@ -8,9 +8,9 @@ strictly and names the file and key of any mismatch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,93 +22,9 @@ from .models.autoencoder import AEConfig, BinaryAutoencoder
 from .models.head import DiffusionHead, HeadConfig
 from .models.projector import Projector
 from .models.qwen3 import Qwen3Config, Qwen3ForCausalLM, rope_inv_freq
+from .spec import ModelInfo, ModelSpec, PRESETS, preset  # noqa: F401  (re-exported)
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-QWEN3_VOCAB = 151936
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The shapes of a whole BitDance model (all four parts)."""
-
-    name: str
-    llm: Qwen3Config
-    head: HeadConfig
-    ae: AEConfig
-
-    @property
-    def parallel_num(self) -> int:
-        return self.head.parallel_num
-
-    @property
-    def patch(self) -> int:
-        return int(round(self.head.parallel_num ** 0.5))
-
-    def config_hash(self) -> str:
-        """A short hash of the shapes and settings; ties exported artifacts to a model."""
-        blob = json.dumps(
-            {"llm": self.llm.to_hf_dict(), "head": self.head.to_dict(),
-             "ae": self.ae.to_json_dict()}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _preset_14b(parallel_num: int) -> ModelSpec:
-    llm = Qwen3Config(vocab_size=QWEN3_VOCAB, hidden_size=5120, intermediate_size=17408,
-                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
-                      head_dim=128)
-    head = HeadConfig(ch_target=32, ch_cond=5120, ch_latent=5120, depth_latent=6,
-                      depth_adanln=2, use_swiglu=True, parallel_num=parallel_num)
-    return ModelSpec(f"14b-{parallel_num}x", llm, head, AEConfig())
-
-
-def _preset_tiny(parallel_num: int) -> ModelSpec:
-    from .tiny import TINY_VOCAB
-
-    llm = Qwen3Config(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=32, max_position_embeddings=8192)
-    head = HeadConfig(ch_target=32, ch_cond=128, ch_latent=128, depth_latent=2,
-                      depth_adanln=2, use_swiglu=True, parallel_num=parallel_num)
-    ae = AEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
-    return ModelSpec(f"tiny-{parallel_num}x", llm, head, ae)
-
-
-def _preset_mid(parallel_num: int) -> ModelSpec:
-    """Sized for CPU benchmarks: LLM 512 x 4 layers, head 512 x 2 blocks, P 16.
-
-    The MLP is 8x the width so that, as in the 14B model, attention over a full-size cache is a
-    small part of a block step (512x512 image: 15% of the LLM FLOPs at the last block; 14B at
-    1024x1024: 13%); a narrower MLP would make a CPU benchmark mostly measure attention."""
-    from .tiny import TINY_VOCAB
-
-    llm = Qwen3Config(vocab_size=TINY_VOCAB, hidden_size=512, intermediate_size=4096,
-                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                      head_dim=64, max_position_embeddings=8192)
-    head = HeadConfig(ch_target=32, ch_cond=512, ch_latent=512, depth_latent=2,
-                      depth_adanln=1, use_swiglu=True, parallel_num=parallel_num)
-    ae = AEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
-    return ModelSpec(f"mid-{parallel_num}x", llm, head, ae)
-
-
-PRESETS = {
-    "14b-64x": lambda: _preset_14b(64),
-    "14b-16x": lambda: _preset_14b(16),
-    "14b": lambda: _preset_14b(64),
-    "mid": lambda: _preset_mid(16),
-    "tiny": lambda: _preset_tiny(4),
-}
-
-
-def preset(name: str) -> ModelSpec:
-    if name not in PRESETS:
-        raise CheckpointError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]()
-
+INFO_FILE = "bitdance_rt.json"
 
 # ----------------------------------------------------------------------------------------------
 # Reading a directory
@@ -124,21 +40,44 @@ def _read_json(path: Path) -> dict:
 
 
 def read_spec(ckpt_dir: str | os.PathLike) -> ModelSpec:
-    """The model shapes from a checkpoint directory's three config files."""
+    """The model shapes from a checkpoint directory's three config files (and what the model
+    declares in ``bitdance_rt.json``, when it has one). Every config error is one line naming
+    the file and the key."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
-    llm = Qwen3Config.from_hf_dict(_read_json(d / "config.json"))
-    head_dict = _read_json(d / "vision_head_config.json")
+    llm = _parse(d / "config.json", Qwen3Config.from_hf_dict)
+    head_path = d / "vision_head_config.json"
+    head_dict = _read_json(head_path)
     expected = set(HeadConfig.__dataclass_fields__)
     if set(head_dict) != expected:
         raise CheckpointError(
-            f"{d / 'vision_head_config.json'} must hold exactly the keys {sorted(expected)}; "
+            f"{head_path} must hold exactly the keys {sorted(expected)}; "
             f"missing {sorted(expected - set(head_dict))}, extra {sorted(set(head_dict) - expected)}")
-    head = HeadConfig(**head_dict)
-    ae = AEConfig.from_json_dict(_read_json(d / "ae_config.json"))
-    name = f"{d.name}"
-    return ModelSpec(name, llm, head, ae)
+    head = _parse(head_path, lambda h: HeadConfig(**h), head_dict)
+    ae = _parse(d / "ae_config.json", AEConfig.from_json_dict)
+    info_path = d / INFO_FILE
+    info = (ModelInfo.from_json_dict(_read_json(info_path), info_path) if info_path.is_file()
+            else ModelInfo())
+    spec = ModelSpec(info.name or d.name, llm, head, ae, info)
+    try:
+        spec.validate()
+    except ValueError as e:
+        raise CheckpointError(f"{d}: {e}") from None
+    return spec
+
+
+def _parse(path: Path, make, data=None):
+    """``make(json of path)``, with a missing key or a wrong type reported as one line."""
+    data = _read_json(path) if data is None else data
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    try:
+        return make(data)
+    except KeyError as e:
+        raise CheckpointError(f"{path} lacks the key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has a value of the wrong type or range ({e})") from None
 
 
 def _llm_files(d: Path) -> dict[str, Path]:
@@ -164,8 +103,11 @@ def _llm_files(d: Path) -> dict[str, Path]:
         "model.safetensors.index.json with its shards")
 
 
-def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what: str):
-    """Strictly load ``files`` (key -> file) into ``module`` built on the meta device."""
+def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what: str,
+                  skip: tuple = ()):
+    """Strictly load ``files`` (key -> file) into ``module`` built on the meta device. Keys that
+    start with a prefix in ``skip`` are checked (present, right shape) but not read; their
+    tensors stay on the meta device for the caller to drop."""
     from safetensors import safe_open
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
@@ -189,7 +131,8 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
         try:
             handle = safe_open(f, framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{f} cannot be read as safetensors ({e})") from None
+            raise CheckpointError(f"{f} cannot be read as safetensors ({e}); the file is "
+                                  "damaged or incomplete: download it again") from None
         with handle:
             for k in keys:
                 shape = tuple(handle.get_slice(k).get_shape())
@@ -197,8 +140,15 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
                     raise CheckpointError(
                         f"{f.name}: key {k!r} has shape {list(shape)}, the config expects "
                         f"{list(expected[k])}")
-                state[k] = handle.get_tensor(k).to(device=device, dtype=dtype)
-    module.load_state_dict(state, strict=True, assign=True)
+                if k.startswith(skip) if skip else False:
+                    continue
+                try:
+                    tensor = handle.get_tensor(k)
+                except Exception as e:
+                    raise CheckpointError(f"{f} cannot be read ({e}); the file is damaged or "
+                                          "incomplete: download it again") from None
+                state[k] = tensor.to(device=device, dtype=dtype)
+    module.load_state_dict(state, strict=not skip, assign=True)
     return module
 
 
@@ -235,25 +185,35 @@ def _on_meta(factory):
         return factory()
 
 
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: bool = False,
-                    weights: bool = True) -> BitDanceModel:
+                    weights: bool = True, num_layers: int | None = None) -> BitDanceModel:
     """Load a checkpoint directory; weights are converted to ``dtype`` on ``device``.
 
-    The encoder of the autoencoder is only needed to tokenize images; it is skipped unless
-    ``load_encoder`` (its keys are still checked). ``weights=False`` reads only the configs and
-    the tokenizer (the networks are None): enough for a backend whose engines hold the weights.
+    Every key of every file is checked; what generation does not use is not read: the LM head
+    (``lm_head.weight``, about 1.5 GB at 14B in bf16; images use the final hidden state) and,
+    unless ``load_encoder``, the encoder of the autoencoder (only needed to tokenize images).
+    ``weights=False`` reads only the configs and the tokenizer (the networks are None): enough
+    for a backend whose engines hold the weights. ``num_layers`` keeps only the first K LLM
+    layers and reads only theirs (full-width test exports of a 14B checkpoint on a small
+    machine); ``extras["full_spec"]`` is then the checkpoint's own spec.
     """
     d = Path(ckpt_dir)
-    if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory {d} does not exist")
-    spec = read_spec(d)
+    full = read_spec(d)
+    spec = full.truncated(num_layers)
     device = torch.device(device)
     tokenizer = load_tokenizer(d)
+    extras = {"full_spec": full} if spec is not full else {}
     if not weights:
-        return BitDanceModel(spec, None, None, None, None, tokenizer, dtype, device, d)
+        return BitDanceModel(spec, None, None, None, None, tokenizer, dtype, device, d, extras)
 
     llm = _on_meta(lambda: Qwen3ForCausalLM(spec.llm))
-    _load_tensors(_llm_files(d), llm, dtype, device, "language model")
+    llm_files = {k: f for k, f in _llm_files(d).items()
+                 if not (m := _LAYER_KEY.match(k)) or int(m.group(1)) < spec.llm.num_hidden_layers}
+    _load_tensors(llm_files, llm, dtype, device, "language model", skip=("lm_head.",))
+    llm.lm_head = None
     llm.model.register_buffer(
         "inv_freq", rope_inv_freq(spec.llm.head_dim, spec.llm.rope_theta).to(device),
         persistent=False)
@@ -265,20 +225,14 @@ def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: b
     _load_tensors(_module_files(d / "projector.safetensors"), proj, dtype, device, "projector")
 
     ae = _on_meta(lambda: BinaryAutoencoder(spec.ae))
-    ae_files = _module_files(d / "ae.safetensors")
+    _load_tensors(_module_files(d / "ae.safetensors"), ae, dtype, device, "autoencoder",
+                  skip=() if load_encoder else ("encoder.",))
     if not load_encoder:
-        # Check the encoder's keys, load only the decoder's tensors.
-        expected = set(ae.state_dict())
-        missing = sorted(k for k in expected if k.startswith("encoder.") and k not in ae_files)
-        if missing:
-            raise CheckpointError(f"ae.safetensors: missing key {missing[0]!r}")
         ae.encoder = None
-        ae_files = {k: f for k, f in ae_files.items() if not k.startswith("encoder.")}
-    _load_tensors(ae_files, ae, dtype, device, "autoencoder")
 
     for m in (llm, head, ae, proj):
         m.eval().requires_grad_(False)
-    return BitDanceModel(spec, llm, head, ae, proj, tokenizer, dtype, device, d)
+    return BitDanceModel(spec, llm, head, ae, proj, tokenizer, dtype, device, d, extras)
 
 
 WEIGHT_FILES = ("vision_head.safetensors", "projector.safetensors", "ae.safetensors")
@@ -323,30 +277,6 @@ def weights_fingerprint(ckpt_dir, samples: int = 16, chunk: int = 4096) -> str:
                 f.seek(start + span * i // max(1, samples - 1))
                 h.update(f.read(chunk))
     return h.hexdigest()[:16]
-
-
-def random_model(spec: ModelSpec, dtype=torch.float32, device="cpu", seed: int = 0,
-                 with_encoder: bool = False) -> BitDanceModel:
-    """A model of ``spec``'s shapes with random weights (benchmarks at any preset)."""
-    from .tiny import randomize_
-
-    device = torch.device(device)
-    gen = torch.Generator(device).manual_seed(seed)
-    parts = []
-    for factory in (lambda: Qwen3ForCausalLM(spec.llm), lambda: DiffusionHead(spec.head),
-                    lambda: BinaryAutoencoder(spec.ae),
-                    lambda: Projector(spec.ae.z_channels, spec.llm.hidden_size)):
-        m = _on_meta(factory).to(dtype)  # cast on meta: no float32 copy of 14B weights
-        m.to_empty(device=device)
-        randomize_(m, gen)
-        parts.append(m.eval().requires_grad_(False))
-    llm, head, ae, proj = parts
-    llm.model.register_buffer(
-        "inv_freq", rope_inv_freq(spec.llm.head_dim, spec.llm.rope_theta).to(device),
-        persistent=False)
-    if not with_encoder:
-        ae.encoder = None
-    return BitDanceModel(spec, llm, head, ae, proj, None, dtype, device, None)
 
 
 # ----------------------------------------------------------------------------------------------

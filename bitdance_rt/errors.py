@@ -19,3 +19,7 @@ class ResourceError(BitDanceError):
 
 class EngineError(BitDanceError):
     """An exported graph or engine directory is missing, corrupt or built for another model."""
+
+
+class RequestError(BitDanceError, ValueError):
+    """A generation setting (prompt, size, steps, guidance, seed, number of images) is invalid."""

@@ -1,13 +1,22 @@
-"""The head sampler: Euler-Maruyama steps with a final Euler step (SPEC section 2).
+"""The head sampler (SPEC section 2): Euler-Maruyama steps with a final Euler step, and the
+random numbers it draws.
 
-Arithmetic is written in the reference's order of operations (float32 throughout) so that a CPU
-float32 run reproduces the reference bit for bit; every backend uses these helpers.
+Every backend and every exported graph computes a step with these functions: the schedule
+(:func:`time_grid`, :func:`step_schedule`), the velocity and guidance (:func:`velocity`,
+:func:`guide`), the update (:func:`sampler_update`, both step kinds) and the x-independent part
+of the head (:func:`head_modulations`). Arithmetic is written in the reference's order of
+operations (float32 throughout), so a CPU float32 run reproduces the reference bit for bit.
+
+Random numbers never come from the global generator: a :class:`NoiseSource` holds one
+``torch.Generator`` per request and draws each request's tensors in the reference order, so a
+request gives the same image alone, after another one, or batched with others.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .models.steps import tile_rows
 
 LAST_STEP = 0.05
 T_FINAL = 1 - LAST_STEP
@@ -28,98 +37,136 @@ def time_grid(num_steps: int, time_shift: float = 1.0) -> tuple[list[torch.Tenso
     return ts, dts
 
 
-def draw_block_noise(batch: int, tokens: int, channels: int, num_steps: int,
-                     device, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """The random tensors of one image block, in the reference order: x_0, then one per step."""
-    shape = (batch, tokens, channels)
-    return [torch.randn(shape, device=device, generator=generator) for _ in range(num_steps + 1)]
+def step_schedule(num_steps: int, time_shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head evaluation of a block, as data: times ``[N + 1]`` (the N sampler times, then
+    0.95) and coefficients ``[N + 1, 3]`` = ``(dt, score_weight, noise_scale)``: an
+    Euler-Maruyama step is ``(dt_k, 1, sqrt(2 (1 - t_k) dt_k))``, the final Euler step
+    ``(0.05, 0, 0)``. Float32, on the CPU."""
+    ts, dts = time_grid(num_steps, time_shift)
+    coeffs = [torch.stack([dt, torch.tensor(1.0), (2.0 * (1.0 - t) * dt) ** 0.5])
+              for t, dt in zip(ts, dts)]
+    coeffs.append(torch.tensor([LAST_STEP, 0.0, 0.0]))
+    times = torch.stack(ts + [torch.tensor(T_FINAL, dtype=torch.float32)])
+    return times, torch.stack(coeffs).float()
 
 
 def velocity(out: torch.Tensor, x_in: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
     """``(f - x_t) / max(1 - t, 0.05)``, t per row ``[R]``."""
-    return (out - x_in) / (1 - t_rows.view(-1, 1, 1)).clamp_min(LAST_STEP)
+    return (out - x_in) / (1 - t_rows.reshape(-1, 1, 1)).clamp_min(LAST_STEP)
 
 
-def guide(v: torch.Tensor, guidance: float, cfg_mult: int) -> torch.Tensor:
-    if cfg_mult == 2:
-        cond, uncond = torch.chunk(v, 2, dim=0)
-        return uncond + guidance * (cond - uncond)
-    return v
+def guide(v: torch.Tensor, guidance, batch: int) -> torch.Tensor:
+    """``v_u + g (v_c - v_u)`` over rows ``[cond (B); uncond (B)]``; with B rows only (no
+    guidance) it is v itself (``v + g * 0``). ``guidance`` a float or a ``[1]`` tensor."""
+    rows = v.shape[0]
+    first = torch.arange(batch, device=v.device)
+    v_c = v.index_select(0, first)
+    v_u = v.index_select(0, first + (rows - batch))
+    return v_u + guidance * (v_c - v_u)
+
+
+def sampler_update(x, v, t, dt, score_weight, noise_scale, noise):
+    """One sampler step given the guided velocity (the reference's order of operations):
+    ``x + (v + w (1 - t) score) dt + noise_scale * noise``. Euler-Maruyama: ``w = 1``,
+    ``noise_scale = sqrt(2 (1 - t) dt)``; the final Euler step: ``w = noise_scale = 0``, which
+    is exactly ``x + dt v``."""
+    var = (1 - t) ** 2 - (t / 1 * -1) * (1 - t)
+    score = (t / 1 * v - x) / var
+    drift = v + score_weight * ((1 - t) * score)
+    return x + drift * dt + noise_scale * noise
 
 
 def em_update(x, v, t, dt, noise):
-    """One Euler-Maruyama update given the guided velocity (reference operation order)."""
-    var = (1 - t) ** 2 - (t / 1 * -1) * (1 - t)
-    score = (t / 1 * v - x) / var
-    drift = v + (1 - t) * score
-    return x + drift * dt + (2.0 * (1.0 - t) * dt) ** 0.5 * noise
+    """One Euler-Maruyama update (``sampler_update`` with ``w = 1``)."""
+    return sampler_update(x, v, t, dt, 1.0, (2.0 * (1.0 - t) * dt) ** 0.5, noise)
+
+
+def head_step(denoise, x, t, coeffs, noise, guidance, rows: int):
+    """One head evaluation and its update: ``denoise(x_in)`` is the head's x_0 prediction for
+    the rows ``[x; x]`` (with guidance) or ``x``; t ``[]`` or ``[1]``; coeffs ``[3]``."""
+    batch = x.shape[0]
+    x_in = tile_rows(x, rows)
+    v = velocity(denoise(x_in).float(), x_in, t.expand(rows))
+    t = t.reshape(())
+    return sampler_update(x, guide(v, guidance, batch), t, coeffs[0], coeffs[1], coeffs[2],
+                          noise)
+
+
+def run_sampler(denoise_at, x0, noise, times, coeffs, guidance, rows: int) -> torch.Tensor:
+    """The sampling loop of one block: ``denoise_at(k, x_in)`` evaluates the head at step k;
+    ``noise`` the N tensors of the Euler-Maruyama steps (the final step draws none)."""
+    x = x0
+    for k in range(times.shape[0]):
+        step_noise = noise[k] if k < len(noise) else x  # the final step scales it by 0
+        x = head_step(lambda x_in: denoise_at(k, x_in), x, times[k], coeffs[k], step_noise,
+                      guidance, rows)
+    return x
 
 
 def sample_block(net, cond: torch.Tensor, noise: list[torch.Tensor], guidance: float,
-                 ts, dts) -> torch.Tensor:
-    """The reference sampler for one block: ``net(x_t, t_rows, cond)`` per step.
-
-    ``cond`` ``[R, P, H]`` with R = B or 2B (CFG); returns x ``[B, P, 32]`` (float32, before
-    ``sign``).
-    """
-    return run_sampler(lambda x_in, k, t_rows: net(x_in, t_rows, cond), cond.shape[0],
-                       cond.device, noise, guidance, ts, dts)
-
-
-def run_sampler(f, rows: int, device, noise, guidance, ts, dts) -> torch.Tensor:
-    """The sampler loop over ``f(x_in [R, P, 32], step k, t_rows [R]) -> x_0 prediction``:
-    N Euler-Maruyama steps, then the final Euler step (step index N)."""
-    cfg_mult = 2 if guidance > 1.0 else 1
-    x = noise[0]
-    t_rows = torch.zeros(rows, device=device)
-    for i in range(len(dts)):
-        t_rows[:] = ts[i]
-        x_in = torch.cat([x] * cfg_mult, dim=0)
-        v = velocity(f(x_in, i, t_rows).float(), x_in, t_rows)
-        x = em_update(x, guide(v, guidance, cfg_mult), ts[i].to(x.device), dts[i].to(x.device),
-                      noise[i + 1])
-    t_rows.fill_(T_FINAL)
-    x_in = torch.cat([x] * cfg_mult, dim=0)
-    v = velocity(f(x_in, len(dts), t_rows).float(), x_in, t_rows)
-    return x + guide(v, guidance, cfg_mult) * LAST_STEP
+                 times, coeffs) -> torch.Tensor:
+    """The reference sampler for one block: the whole head network ``net(x_t, t_rows, cond)``
+    at every step, as the authors' pipeline runs it. ``noise`` = x_0, then one tensor per
+    Euler-Maruyama step; returns x ``[B, P, 32]`` (float32, before ``sign``)."""
+    rows = cond.shape[0]
+    return run_sampler(lambda k, x_in: net(x_in, times[k].expand(rows), cond), noise[0],
+                       noise[1:], times, coeffs, guidance, rows)
 
 
-def step_times(ts) -> list:
-    """The time of every head evaluation of a block: the N sampler times, then the final one,
-    on the device of ``ts`` (a host tensor here would mean a host-to-device copy inside the
-    head loop's CUDA graph, which capture refuses)."""
-    return list(ts) + [torch.full((), T_FINAL, dtype=torch.float32, device=ts[0].device)]
+def head_modulations(net, cond: torch.Tensor, times: torch.Tensor, dtype=None):
+    """The x-independent outputs of a :class:`~bitdance_rt.models.head.HeadNet` for every
+    time of ``times`` ``[N + 1]``, in one batch: ``(ada, final)``, ``ada`` a list with one
+    ``[N + 1, R, P, 6C]`` tensor per shared adaLN block, ``final`` ``[N + 1, R, P, 2C]``. Row
+    for row the same arithmetic as the per-step network."""
+    rows = cond.shape[0]
+    t_rows = times[:, None].expand(times.shape[0], rows)
+    return net.modulation(net.conditioning(t_rows, cond.to(dtype or cond.dtype)))
 
 
-def head_modulations(net, cond: torch.Tensor, times, dtype=torch.float32):
-    """The x-independent outputs of a :class:`~bitdance_rt.models.head.HeadNet` for each time
-    in ``times`` (0-d tensors): ``(ada, final)``, ``ada`` a list with one
-    ``[len(times), R, P, 6C]`` tensor per shared adaLN block, ``final`` ``[len(times), R, P,
-    2C]``. Each time is embedded on its own ``[R]`` rows, as the per-step network does."""
-    rows, device = cond.shape[0], cond.device
-    c_emb = net.cond_embed(cond.to(dtype))
-    ys = []
-    for t in times:
-        t_rows = torch.full((rows,), 0.0, device=device)
-        t_rows[:] = t.to(device)
-        ys.append(F.silu(net.time_embed(t_rows).unsqueeze(1) + c_emb))
-    return net.modulation(torch.stack(ys))
-
-
-def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance: float, ts, dts,
+def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance, times, coeffs,
                               dtype=torch.float32, denoise=None) -> torch.Tensor:
-    """Same result as :func:`sample_block`, cheaper: everything of the head that does not
-    depend on x (condition embedding, adaLN and final-layer modulation, for all N + 1 step
-    times) is computed once per block in one batch, so the per-step work is only the
-    x-dependent part. ``net`` is a :class:`~bitdance_rt.models.head.HeadNet`.
-
-    Each modulation row is computed exactly as in the per-step network (same row-wise
-    arithmetic); only the batching of rows differs. ``denoise`` replaces ``net.denoise``
-    (e.g. a compiled version).
-    """
+    """Same result as :func:`sample_block`, cheaper: the x-independent part of the head for
+    all N + 1 step times is computed once per block (:func:`head_modulations`), so each step
+    runs only ``net.denoise``. ``denoise`` replaces ``net.denoise`` (e.g. compiled)."""
     denoise = denoise or net.denoise
-    rows, device = cond.shape[0], cond.device
-    ada, final = head_modulations(net, cond, step_times(ts), dtype)  # leading dim: step
-    per_step = [([a[k] for a in ada], final[k]) for k in range(final.shape[0])]
-    return run_sampler(lambda x_in, k, _t: denoise(x_in.to(dtype), per_step[k]), rows, device,
-                       noise, guidance, ts, dts)
+    ada, final = head_modulations(net, cond, times, dtype)  # leading dim: step
+    return run_sampler(lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k])),
+                       noise[0], noise[1:], times, coeffs, guidance, cond.shape[0])
+
+
+class NoiseSource:
+    """The random numbers of one AR run: one ``torch.Generator`` per request, each drawing its
+    images' tensors in the reference order (per block: x_0, then one tensor per
+    Euler-Maruyama step; after all blocks, a gan-decoder's noise). A request's draws are those
+    of the reference pipeline seeded with its seed, whatever else is in the batch."""
+
+    def __init__(self, parts: list[tuple[torch.Generator, int]]):
+        if not parts:
+            raise ValueError("a NoiseSource needs at least one generator")
+        self.parts = parts
+
+    @classmethod
+    def from_seeds(cls, seeds, device) -> "NoiseSource":
+        """``seeds``: an int (one request), or ``(seed, images)`` pairs, one per request."""
+        device = torch.device(device)
+        if isinstance(seeds, int):
+            seeds = [(seeds, None)]
+        return cls([(torch.Generator(device).manual_seed(int(s)), n) for s, n in seeds])
+
+    def _draw(self, shape_per_image: tuple, images: int, device) -> torch.Tensor:
+        counts = [n for _, n in self.parts]
+        if None in counts:  # a single request: all images
+            counts = [images]
+        if sum(counts) != images:
+            raise ValueError(f"the noise source draws for {sum(counts)} images, the plan has "
+                             f"{images}")
+        return torch.cat([torch.randn((n,) + tuple(shape_per_image), device=device, generator=g)
+                          for (g, _), n in zip(self.parts, counts)])
+
+    def block(self, images: int, tokens: int, channels: int, steps: int, device) -> list:
+        """x_0 and the N Euler-Maruyama draws of one block, ``[B, P, C]`` each."""
+        return [self._draw((tokens, channels), images, device) for _ in range(steps + 1)]
+
+    def decoder(self, images: int, channels: int, h: int, w: int, device) -> torch.Tensor:
+        """A gan-decoder's noise ``[B, C, h, w]`` (drawn after every block)."""
+        return self._draw((channels, h, w), images, device)

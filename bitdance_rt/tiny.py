@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from .errors import BitDanceError
+from .spec import TINY_VOCAB, ModelSpec, preset_mid, preset_tiny
 
 SPECIAL_TOKENS = (
     ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     + [f"<|res_{k}|>" for k in range(1, 257)]
     + [f"<|query_{k}|>" for k in range(1, 64)]
 )
-TINY_VOCAB = 640  # 256 byte tokens + the special tokens, padded to a multiple of 64
 SUPPORTED_PARALLEL = (4, 16, 64)
 
 
@@ -106,7 +106,6 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
     ``size`` "tiny" (15 MB, for tests) or "mid" (the CPU benchmark preset, about 150 MB)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import _preset_mid, _preset_tiny
     from .models.autoencoder import BinaryAutoencoder
     from .models.head import DiffusionHead
     from .models.projector import Projector
@@ -119,7 +118,7 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
         raise BitDanceError(f"--size must be one of {list(SIZES)}, got {size!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = (_preset_tiny if size == "tiny" else _preset_mid)(parallel_num)
+    spec = (preset_tiny if size == "tiny" else preset_mid)(parallel_num)
     ae_cfg = spec.ae.__class__(**{**spec.ae.__dict__, "gan_decoder": gan_decoder})
     gen = torch.Generator().manual_seed(seed)
 
@@ -145,3 +144,38 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
     save(proj, "projector.safetensors")
     build_tokenizer(out)
     return out
+
+
+def random_model(spec: ModelSpec, dtype=torch.float32, device="cpu", seed: int = 0,
+                 with_encoder: bool = False):
+    """A :class:`~bitdance_rt.checkpoint.BitDanceModel` of ``spec``'s shapes with random
+    weights (benchmarks at any preset; no tokenizer, no LM head)."""
+    from .checkpoint import BitDanceModel
+    from .models.autoencoder import BinaryAutoencoder
+    from .models.head import DiffusionHead
+    from .models.projector import Projector
+    from .models.qwen3 import Qwen3ForCausalLM, rope_inv_freq
+
+    def causal_lm():
+        m = Qwen3ForCausalLM(spec.llm)
+        m.lm_head = None  # images never read it
+        return m
+
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    parts = []
+    for factory in (causal_lm, lambda: DiffusionHead(spec.head),
+                    lambda: BinaryAutoencoder(spec.ae),
+                    lambda: Projector(spec.ae.z_channels, spec.llm.hidden_size)):
+        with torch.device("meta"):
+            m = factory().to(dtype)  # cast on meta: no float32 copy of 14B weights
+        m.to_empty(device=device)
+        randomize_(m, gen)
+        parts.append(m.eval().requires_grad_(False))
+    llm, head, ae, proj = parts
+    llm.model.register_buffer(
+        "inv_freq", rope_inv_freq(spec.llm.head_dim, spec.llm.rope_theta).to(device),
+        persistent=False)
+    if not with_encoder:
+        ae.encoder = None
+    return BitDanceModel(spec, llm, head, ae, proj, None, dtype, device, None)

@@ -7,7 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitdance_rt.checkpoint import load_checkpoint, preset, random_model
+from bitdance_rt.checkpoint import load_checkpoint
+from bitdance_rt.models.kv_cache import ConcatKVCache
+from bitdance_rt.spec import preset
+from bitdance_rt.tiny import random_model
 from bitdance_rt.errors import CheckpointError
 from bitdance_rt.models.autoencoder import BinaryAutoencoder
 from bitdance_rt.models.head import DiffusionHead
@@ -94,9 +97,15 @@ def test_tokenizer_matches_transformers(tiny_ckpt):
 
 def test_opens_with_transformers(tiny_ckpt):
     transformers = pytest.importorskip("transformers")
-    model = transformers.Qwen3ForCausalLM.from_pretrained(tiny_ckpt)
+    model = transformers.Qwen3ForCausalLM.from_pretrained(tiny_ckpt).eval()
     ours = load_checkpoint(tiny_ckpt).llm
-    assert nparams(model) == nparams(ours)
+    assert nparams(model.model) == nparams(ours.model)  # (the LM head is not loaded)
+    ids = torch.randint(0, 640, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model.model(input_ids=ids).last_hidden_state
+        mine = ours.model(ours.model.embed_tokens(ids), torch.arange(9)[None].expand(2, 9),
+                          ConcatKVCache(ours.config.num_hidden_layers), "causal")
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
 def copy_ckpt(src, dst):
@@ -179,5 +188,14 @@ def test_dtype_conversion(tiny_ckpt):
 
 
 def test_random_model_any_preset():
-    m = random_model(preset("tiny"), seed=3)
-    assert m.llm.model.layers[0].mlp.up_proj.weight.abs().sum() > 0
+    """Seeded, and scaled so that activations stay O(1): a linear layer's weights have a
+    standard deviation of 1/sqrt(fan_in), norms are near 1, biases small."""
+    a, b = random_model(preset("tiny"), seed=3), random_model(preset("tiny"), seed=3)
+    c = random_model(preset("tiny"), seed=4)
+    wa = a.llm.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(wa, b.llm.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(wa, c.llm.model.layers[0].mlp.up_proj.weight)
+    assert abs(wa.std().item() * wa.shape[1] ** 0.5 - 1) < 0.05
+    norm = a.llm.model.layers[0].input_layernorm.weight
+    assert abs(norm.mean().item() - 1) < 0.05 and 0.05 < norm.std().item() < 0.15
+    assert a.llm.lm_head is None and a.ae.encoder is None

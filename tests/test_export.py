@@ -12,20 +12,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bitdance_rt.checkpoint import load_checkpoint, preset, random_model, weights_fingerprint
+from bitdance_rt.checkpoint import load_checkpoint, weights_fingerprint
 from bitdance_rt.cli import export_app, rt_app
 from bitdance_rt.errors import BitDanceError, EngineError
 from bitdance_rt.export import GRAPHS, export_model
 from bitdance_rt.export.check import check_export
-from bitdance_rt.export.head_prepare import HeadPrepare, modulations
-from bitdance_rt.export.head_step import HeadStep, step_inputs
-from bitdance_rt.export.source import identify_preset, load_for_export
-from bitdance_rt.pipeline import GenerationRequest
+from bitdance_rt.export.head_prepare import HeadPrepare
+from bitdance_rt.export.head_step import HeadStep
+from bitdance_rt.export.source import identify_preset
+from bitdance_rt.request import GenerationRequest
 from bitdance_rt.runtime import generate, generate_tokens, plan_for
 from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from bitdance_rt.runtime.backends.torch_backend import TorchBackend
-from bitdance_rt.sampling import (draw_block_noise, em_update, sample_block,
-                                  sample_block_premodulated, step_times, time_grid)
+from bitdance_rt.sampling import (NoiseSource, em_update, head_modulations, sample_block,
+                                  sample_block_premodulated, step_schedule)
+from bitdance_rt.spec import preset
+from bitdance_rt.tiny import random_model
 
 
 def identical_fraction(a, b):
@@ -93,7 +95,7 @@ def test_check_passes_for_every_graph(export_dir):
     rows, _ = check_export(export_dir, seed=1)
     assert {r.graph for r in rows} == set(GRAPHS)
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
-    assert max(r.scaled_rel for r in rows) < 1e-4
+    assert max(r.scaled_rel for r in rows if r.output != "image") < 1e-4
     r = CliRunner().invoke(export_app, ["check", str(export_dir), "--seed", "2"])
     assert r.exit_code == 0, r.output
     assert "block_step" in r.output and "19/19 outputs within tolerance" in r.output
@@ -108,33 +110,32 @@ def test_check_fails_above_tolerance(export_dir, monkeypatch):
 
 
 def test_head_graphs_reproduce_the_sampler(tiny_model):
-    """head_step k fed slice k of the modulations (as sample_block_premodulated computes them):
-    N Euler-Maruyama steps and the final Euler step as calls of one step function with
-    different coefficients give the reference sampler's result bit for bit (PyTorch). The
-    head_prepare wrapper computes the same rows in one batch; PyTorch's matrix products may
-    round a row differently with the batch size (rows x steps against rows), so it agrees
-    within rounding."""
+    """The graph wrappers, run in PyTorch: head_prepare gives every step's modulations, and
+    head_step k fed slice k of them (N Euler-Maruyama steps and the final Euler step as calls
+    of one step function with other coefficients) gives the reference sampler's result (the
+    whole network at every step) bit for bit."""
     prepare, step = HeadPrepare(tiny_model), HeadStep(tiny_model)
     net = tiny_model.head.net
-    ts, dts = time_grid(5)
-    times = torch.stack(step_times(ts))
+    times, coeffs = step_schedule(5)
     gen = torch.Generator().manual_seed(3)
     for guidance, batch in ((4.0, 2), (1.0, 1), (3.0, 1)):
         rows = 2 * batch if guidance > 1 else batch
         cond = torch.randn(rows, 4, 128, generator=gen)
-        torch.manual_seed(9)
-        noise = draw_block_noise(batch, 4, 32, 5, "cpu")
+        noise = NoiseSource.from_seeds(9, "cpu").block(batch, 4, 32, 5, "cpu")
         with torch.no_grad():
-            ref = sample_block(net, cond, noise, guidance, ts, dts)
-            assert torch.equal(ref, sample_block_premodulated(net, cond, noise, guidance, ts, dts))
-            ada, final = modulations(net, cond, times.unbind(0))
+            ref = sample_block(net, cond, noise, guidance, times, coeffs)
+            assert torch.equal(ref, sample_block_premodulated(net, cond, noise, guidance, times,
+                                                              coeffs))
+            ada, final = prepare(cond, times)
             assert ada.shape == (6, 2, rows, 4, 768) and final.shape == (6, rows, 4, 256)
-            for got, want in zip(prepare(cond, times), (ada, final)):
-                assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+            want_ada, want_final = head_modulations(net, cond, times)
+            assert torch.equal(ada, torch.stack(want_ada, dim=1))
+            assert torch.equal(final, want_final)
             x = noise[0]
-            for k, (t, coeffs) in enumerate(step_inputs(ts, dts)):
+            for k in range(6):
                 nz = noise[k + 1] if k < 5 else noise[0]  # final step: scale 0
-                x = step(x, t, coeffs, nz, ada[k], final[k], torch.tensor([guidance]))
+                x = step(x, times[k:k + 1], coeffs[k], nz, ada[k], final[k],
+                         torch.tensor([guidance]))
         assert torch.equal(x, ref)
 
 
@@ -152,13 +153,13 @@ def test_presets_and_truncated_loading(tiny_ckpt, tiny_model):
     assert identify_preset(preset("14b")) == "14b-64x"
     assert identify_preset(preset("14b-16x")) == "14b-16x"
     assert identify_preset(tiny_model.spec) == "tiny-4x"
-    small = load_for_export(tiny_ckpt, torch.float32, num_layers=1)
+    small = load_checkpoint(tiny_ckpt, num_layers=1)
     assert len(small.llm.model.layers) == 1 and small.spec.llm.num_hidden_layers == 1
     assert torch.equal(small.llm.model.layers[0].mlp.up_proj.weight,
                        tiny_model.llm.model.layers[0].mlp.up_proj.weight)
     assert small.extras["full_spec"].config_hash() == tiny_model.spec.config_hash()
     with pytest.raises(BitDanceError, match="--num-layers must be between"):
-        load_for_export(tiny_ckpt, torch.float32, num_layers=3)
+        load_checkpoint(tiny_ckpt, num_layers=3)
 
 
 def test_cli_export_errors(tiny_ckpt, tmp_path):
@@ -192,7 +193,8 @@ def test_onnxruntime_backend_matches_torch(export_dir, tiny_model, torch_image):
     assert ours.shape == torch_image.shape and ours.dtype == torch.uint8
     assert identical_fraction(ours, torch_image) >= 0.999
     # no guidance, two images, the backend's buffers reused: the same tokens
-    req = GenerationRequest("two boats", 256, 896, steps=1, guidance=1.0, seed=8, num_images=2)
+    # (N = 1 leaves x far from +-1, where float32 rounding flips signs; N = 2 does not)
+    req = GenerationRequest("two boats", 256, 896, steps=2, guidance=1.0, seed=8, num_images=2)
     plan = plan_for(tiny_model, req)
     a = generate_tokens(backend, plan, req.seed)
     b = generate_tokens(TorchBackend(tiny_model), plan, req.seed)

@@ -15,10 +15,12 @@ from bitdance_rt.checkpoint import load_checkpoint
 from bitdance_rt.cli import rt_app
 from bitdance_rt.errors import UnsupportedSizeError
 from bitdance_rt.models.posemb import image_posemb, sincos_table, tokens_to_latent
-from bitdance_rt.pipeline import (SUPPORTED_SIZES, GenerationRequest, ReferencePipeline,
-                                  check_size, decode_tokens)
-from bitdance_rt.runtime import plan_for
-from bitdance_rt.sampling import em_update, time_grid
+from bitdance_rt.models.steps import decode_tokens
+from bitdance_rt.request import GenerationRequest, plan_for
+from bitdance_rt.runtime import generate, generate_tokens
+from bitdance_rt.runtime.backends.reference import ReferenceBackend
+from bitdance_rt.sampling import NoiseSource, em_update, time_grid
+from bitdance_rt.spec import RELEASED_SIZES, check_size
 from bitdance_rt.tiny import make_tiny
 
 # Tokens and 16x16-tile image means written by the authors' own pipeline (their public code,
@@ -32,7 +34,7 @@ def test_matches_authors_pipeline(case, tmp_path):
     ckpt = make_tiny(tmp_path / "ckpt", **g["checkpoint"])
     model = load_checkpoint(ckpt)
     req = GenerationRequest(**g["request"])
-    tokens = ReferencePipeline(model).generate_tokens(plan_for(model, req), req.seed)
+    tokens = generate_tokens(ReferenceBackend(model), plan_for(model, req), req.seed)
     bits = np.unpackbits(np.frombuffer(base64.b64decode(g["tokens_packbits_b64"]), np.uint8))
     expected = torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(g["tokens_shape"])
     agree = (tokens == expected).float().mean().item()
@@ -49,13 +51,15 @@ def test_unsupported_size_lists_supported():
         check_size(1000, 1000)
     msg = str(e.value)
     assert "1000x1000" in msg and "1024x1024" in msg and "256x1024" in msg
-    assert all(check_size(hh, ww) == (hh // 16, ww // 16) for hh, ww in SUPPORTED_SIZES)
+    assert all(check_size(hh, ww) == (hh // 16, ww // 16) for hh, ww in RELEASED_SIZES)
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(guidance=0.5), dict(num_images=0)])
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(guidance=0.5), dict(num_images=0),
+                                 dict(guidance=float("nan")), dict(guidance=float("inf")),
+                                 dict(seed=2**64), dict(seed=-1), dict(prompt="  ")])
 def test_request_validation(bad):
     with pytest.raises(ValueError):
-        GenerationRequest(prompt="x", height=512, width=512, **bad).validate()
+        GenerationRequest(**{"prompt": "x", "height": 512, "width": 512, **bad}).validate()
 
 
 def test_time_grid_and_update_follow_spec():
@@ -97,6 +101,8 @@ def test_autoencoder_round_trip_shapes(tiny_ckpt):
     img = torch.rand(2, 3, 256, 384) * 2 - 1
     z = model.ae.encode(img)
     assert z.shape == (2, 32, 16, 24) and set(z.unique().tolist()) <= {-1.0, 1.0}
+    # the signs of the encoder's output, image by image
+    assert torch.equal(z[1:], torch.sign(model.ae.encoder(img[1:])))
     out = model.ae.decode(z)
     assert out.shape == img.shape and torch.isfinite(out).all()
 
@@ -106,13 +112,14 @@ def test_gan_decoder_checkpoint(tmp_path):
     model = load_checkpoint(ckpt)
     assert model.ae.decoder.conv_in.in_channels == 64
     req = GenerationRequest("noise after tokens", 256, 896, steps=2, guidance=2.0, seed=3)
-    pipe = ReferencePipeline(model)
-    a, b = pipe.generate(req), pipe.generate(req)
+    plan, pipe = plan_for(model, req), ReferenceBackend(model)
+    a, b = generate(pipe, plan, req.seed), generate(pipe, plan, req.seed)
     assert torch.equal(a, b)
     h, w = check_size(256, 896)
-    tokens = pipe.generate_tokens(plan_for(model, req), req.seed)
+    noise = NoiseSource.from_seeds(req.seed, "cpu")
+    tokens = generate_tokens(pipe, plan, None, noise=noise)
     # the decoder noise is the draw right after the last AR step's
-    assert torch.equal(decode_tokens(model, tokens, h, w), a)
+    assert torch.equal(decode_tokens(model, tokens, h, w, noise.decoder(1, 32, h, w, "cpu")), a)
 
 
 def run_cli(*args):

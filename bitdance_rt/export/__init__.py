@@ -14,7 +14,7 @@ verifies one, ``check`` compares it with PyTorch through Polygraphy.
 """
 
 from .exporter import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ, export_checkpoint, export_model
-from .manifest import GRAPHS, MANIFEST, read_manifest
+from ..manifest import GRAPHS, MANIFEST, read_manifest
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_SEQ", "GRAPHS", "MANIFEST", "export_checkpoint",
            "export_model", "read_manifest"]

@@ -16,45 +16,17 @@ from __future__ import annotations
 import torch
 
 from ..errors import BitDanceError
+from ..plugins.reference import attend
 
 ATTENTION_CHOICES = ("standard", "plugin")
 
 
 def standard_kv_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str):
-    """Attention of T new tokens over a cache and over themselves, in standard ONNX operators.
-
-    q ``[S, Hq, T, D]``; k_new, v_new ``[S, Hkv, T, D]``; k_cache, v_cache ``[S, Hkv, S_max, D]``
-    or None (an empty cache); cache_lens ``[S]`` int64 (ignored without a cache).
-    mode ``"block"``: every new token sees all new tokens; ``"causal"``: new token i sees new
-    tokens ``<= i``. Cache slot j of sequence s is seen iff ``j < cache_lens[s]``; slots past it
-    must hold finite values (the runtime zero-initializes its cache). GQA: query head h uses kv
-    head ``h // (Hq // Hkv)``. Softmax in float32; returns ``[S, Hq, T, D]`` in q's dtype.
-    """
-    s, hq, t, d = q.shape
-    hkv = k_new.shape[1]
-    g = hq // hkv
-    scale = d ** -0.5
-    qg = q.reshape(s, hkv, g, t, d)
-    neg = torch.tensor(float("-inf"), dtype=torch.float32)
-
-    new_scores = torch.matmul(qg, k_new.unsqueeze(2).transpose(-1, -2)).float() * scale
-    if mode == "causal":
-        i = torch.arange(t, device=q.device)
-        new_scores = torch.where(i[None, :] <= i[:, None], new_scores, neg)
-    elif mode != "block":
-        raise ValueError(f"attention mode must be 'block' or 'causal', got {mode!r}")
-    if k_cache is None:
-        probs = torch.softmax(new_scores, dim=-1).to(q.dtype)
-        return torch.matmul(probs, v_new.unsqueeze(2)).reshape(s, hq, t, d)
-
-    s_max = k_cache.shape[2]
-    cache_scores = torch.matmul(qg, k_cache.unsqueeze(2).transpose(-1, -2)).float() * scale
-    seen = torch.arange(s_max, device=q.device)[None, :] < cache_lens[:, None]  # [S, S_max]
-    cache_scores = torch.where(seen[:, None, None, None, :], cache_scores, neg)
-    probs = torch.softmax(torch.cat([cache_scores, new_scores], dim=-1), dim=-1).to(q.dtype)
-    out = (torch.matmul(probs[..., :s_max], v_cache.unsqueeze(2))
-           + torch.matmul(probs[..., s_max:], v_new.unsqueeze(2)))
-    return out.reshape(s, hq, t, d)
+    """:func:`~bitdance_rt.plugins.reference.attend` as the graph computes it: products in the
+    model dtype, softmax in float32, and no pass over the cache's unused slots (the runtime
+    zero-initializes its cache, so they hold finite values)."""
+    return attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mode, fp32_math=False,
+                  unseen_may_be_garbage=False)
 
 
 def attention_fn(name: str):
@@ -92,6 +64,13 @@ class GraphKV:
         self.k_cache, self.v_cache, self.cache_lens = k_cache, v_cache, cache_lens
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+
+    def positions(self, batch, t, device) -> torch.Tensor:
+        """RoPE positions of the new tokens: each row's cache length onwards."""
+        new = torch.arange(t, device=device)[None, :]
+        if self.cache_lens is None:
+            return new.expand(batch, t)
+        return self.cache_lens[:, None] + new
 
     def attend(self, layer: int, q, k, v, mode: str) -> torch.Tensor:
         self.keys.append(k)

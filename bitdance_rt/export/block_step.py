@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..models.kv_cache import StaticKVCache
+from ..models.steps import block_step, tile_rows
 from .attention import GraphKV
-from .common import GraphDef, dim, tile_rows
+from .common import GraphDef, dim
 
 NAME = "block_step"
 
@@ -31,21 +32,15 @@ NAME = "block_step"
 class BlockStep(nn.Module):
     def __init__(self, model, attention):
         super().__init__()
-        self.llm = model.llm.model
-        self.projector = model.projector
+        self.model = model
         self.attention = attention
-        self.dtype = model.dtype
+        self.llm, self.projector = model.llm.model, model.projector  # the exported weights
 
     def forward(self, tokens, pe, pe_next, k_cache, v_cache, cache_lens):
-        p = tokens.shape[1]
-        # [B, P, H], float32 as in the torch backend; projected once per image, then tiled
-        embeds = self.projector(tokens.to(self.dtype)) + pe
-        embeds = tile_rows(embeds, cache_lens.shape[0])
-        positions = cache_lens[:, None] + torch.arange(p, device=tokens.device)[None, :]
         kv = GraphKV(self.attention, k_cache, v_cache, cache_lens)
-        hidden = self.llm(embeds.to(self.dtype), positions, kv, "block")
+        cond = block_step(self.model, tile_rows(tokens, cache_lens.shape[0]), pe, pe_next, kv)
         new_keys, new_values = kv.new_kv()
-        return hidden.float() + pe_next, new_keys, new_values
+        return cond, new_keys, new_values
 
 
 @torch.no_grad()
@@ -61,15 +56,12 @@ def reference(model, feeds: dict) -> dict:
                           cfg.head_dim, model.dtype, "cpu")
     cache.k[:, :, :, :slots] = k_in
     cache.v[:, :, :, :slots] = v_in
-    cache.lens.copy_(lens)
-    cache.lens_host = lens.tolist()
-    tiled = torch.cat([tokens] * (rows // tokens.shape[0]), dim=0)
-    embeds = model.projector(tiled.to(model.dtype)) + feeds["pe"]
+    cache.set_lens(lens.tolist())
+    cond = block_step(model, tile_rows(tokens, rows), feeds["pe"], feeds["pe_next"], cache)
     pos = lens[:, None] + torch.arange(p)[None]
-    hidden = model.llm.model(embeds.to(model.dtype), pos, cache, "block")
     index = pos[None, :, None, :, None].expand(cfg.num_hidden_layers, rows,
                                                cfg.num_key_value_heads, p, cfg.head_dim)
-    return {"cond": hidden + feeds["pe_next"], "new_keys": cache.k.gather(3, index),
+    return {"cond": cond, "new_keys": cache.k.gather(3, index),
             "new_values": cache.v.gather(3, index)}
 
 

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import load_checkpoint
 from ..errors import EngineError
 from . import block_step, decoder, head_prepare, head_step, prefill
-from .common import EXPORT_DTYPES
-from .manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
+from .. import dtypes
+from ..manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # uint8 image: (most levels apart, least fraction of identical values)
@@ -169,8 +170,6 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
     """Compare every graph of ``engine_dir`` with PyTorch; returns (rows, seed used)."""
     import onnxruntime as ort
 
-    from .source import load_for_export
-
     d = Path(engine_dir)
     manifest = read_manifest(d)
     check_files(manifest, d, graphs)
@@ -183,7 +182,7 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
     if not ckpt or not Path(ckpt).is_dir():
         raise EngineError(f"check needs the checkpoint {d} was exported from; pass --checkpoint "
                           "DIR" + (f" ({ckpt} does not exist)" if ckpt else ""))
-    model = load_for_export(ckpt, EXPORT_DTYPES[dtype], manifest.get("num_layers"))
+    model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype), num_layers=manifest.get("num_layers"))
     check_model(manifest, model.spec, d)
     check_weights(manifest, ckpt, d)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed

@@ -18,35 +18,19 @@ from pathlib import Path
 
 import torch
 
+from .. import dtypes
 from ..errors import BitDanceError
 
 OPSET = 18
 
-ONNX_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.int64: "int64", torch.uint8: "uint8", torch.int32: "int32",
-               torch.bool: "bool"}
-EXPORT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def export_dtype(name: str) -> torch.dtype:
-    if name not in EXPORT_DTYPES:
-        raise BitDanceError(f"--dtype must be one of bf16, fp16, fp32; got {name!r}")
-    return EXPORT_DTYPES[name]
+    """The torch dtype of ``--dtype`` (fp32, fp16, bf16)."""
+    return dtypes.parse(name)
 
 
 def dim(name: str, min: int = 1, max: int | None = None):
     """A named dynamic dimension (the name appears in the ONNX graph and the manifest)."""
     return torch.export.Dim(name, min=min, max=max) if max else torch.export.Dim(name, min=min)
-
-
-def tile_rows(x: torch.Tensor, rows) -> torch.Tensor:
-    """``[B, ...]`` -> ``[rows, ...]`` with row s = ``x[s % B]`` (cond rows, then uncond rows).
-    A gather rather than a repeat, so the exporter needs no ``rows == k * B`` shape relation."""
-    batch = torch.ones(x.shape[:1], dtype=torch.int64, device=x.device).sum()  # B as a tensor
-    index = torch.remainder(torch.arange(rows, device=x.device), batch)
-    return x.index_select(0, index)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import itertools
 import torch
 from torch import nn
 
-from ..pipeline import to_uint8
+from ..models.steps import to_uint8
 from .common import GraphDef, dim
 
 NAME = "decoder"

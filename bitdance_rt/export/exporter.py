@@ -9,13 +9,15 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import BitDanceModel, weights_fingerprint
+from ..checkpoint import BitDanceModel, load_checkpoint, weights_fingerprint
 from ..errors import BitDanceError
 from . import block_step, decoder, head_prepare, head_step, prefill
 from .attention import attention_fn, attention_translations
-from .common import DTYPE_NAMES, OPSET, export_dtype, export_onnx
-from .manifest import GRAPHS, MANIFEST, describe_graph, tool_versions, write_manifest
-from .source import identify_preset, load_for_export, resolve_preset, truncate_spec
+from .. import dtypes
+from .common import OPSET, export_dtype, export_onnx
+from ..manifest import GRAPHS, MANIFEST
+from .manifest import describe_graph, tool_versions, write_manifest
+from .source import identify_preset, resolve_preset
 
 DEFAULT_MAX_BATCH = 4
 # The longest image (2048x512: 4096 tokens) plus a long prompt.
@@ -39,8 +41,7 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
                  progress: Callable[[str], None] | None = None) -> dict:
     """Write the graphs of ``model`` (already in the export dtype, on the CPU) and the
     manifest into ``out_dir``; returns the manifest. ``progress`` gets one line per graph."""
-    if model.dtype not in DTYPE_NAMES:
-        raise BitDanceError(f"cannot export a {model.dtype} model; use fp32, fp16 or bf16")
+    dtype_name = dtypes.short_name(model.dtype)
     if max_batch < 1 or max_seq < 1:
         raise BitDanceError("--max-batch and --max-seq must be positive")
     attention_fn(attention)  # fail before any work on an unavailable choice
@@ -72,7 +73,7 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
                        if spec.llm.num_hidden_layers != full.llm.num_hidden_layers else None),
         "parallel_num": spec.parallel_num,
         "gan_decoder": spec.ae.gan_decoder,
-        "dtype": DTYPE_NAMES[model.dtype],
+        "dtype": dtype_name,
         "opset": opset,
         "attention": attention,
         "limits": {"max_batch": max_batch, "max_rows": 2 * max_batch, "max_seq": max_seq},
@@ -97,11 +98,11 @@ def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
     torch_dtype = export_dtype(dtype)
     spec = read_spec(ckpt)
     name = resolve_preset(spec, model_name, ckpt)
-    truncate_spec(spec, num_layers)  # validate before loading
+    spec.truncated(num_layers)  # validate before loading
     attention_fn(attention)
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
-    model = load_for_export(ckpt, torch_dtype, num_layers)
+    model = load_checkpoint(ckpt, dtype=torch_dtype, num_layers=num_layers)
     say(f"loaded {ckpt} ({name}, {dtype}"
         + (f", first {num_layers} LLM layers" if num_layers else "")
         + f") in {time.perf_counter() - t0:.1f}s")

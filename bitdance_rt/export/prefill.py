@@ -3,7 +3,7 @@
 Inputs
   input_ids    ``[S, T]`` int64    each sequence's tokens before its image-start block (text,
                                    ``<|vision_start|>``, ``<|res_h|>``), right-padded to T
-  positions    ``[S, T]`` int64    their RoPE positions (``0 .. T-1``)
+                                   (RoPE positions ``0 .. T-1``)
   input_lens   ``[S]`` int64       valid tokens per row (cond and uncond prompts differ)
   block_ids    ``[S, P]`` int64    the image-start block (``<|res_w|>``, ``<|query_1..P-1|>``)
   pe           ``[P, H]`` float32  2-D position embedding of image block 0
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..models.kv_cache import StaticKVCache
+from ..models.steps import image_start, prompt_pass
 from .attention import GraphKV
 from .common import GraphDef, dim
 
@@ -36,31 +37,29 @@ NAME = "prefill"
 class Prefill(nn.Module):
     def __init__(self, model, attention):
         super().__init__()
-        self.llm = model.llm.model
+        self.model = model
         self.attention = attention
-        self.dtype = model.dtype
+        self.llm = model.llm.model  # registers the weights with the exporter
 
-    def forward(self, input_ids, positions, input_lens, block_ids, pe):
-        t, p = input_ids.shape[1], block_ids.shape[1]
+    def forward(self, input_ids, input_lens, block_ids, pe):
+        t = input_ids.shape[1]
         prompt = GraphKV(self.attention)
-        self.llm(self.llm.embed_tokens(input_ids).to(self.dtype), positions, prompt, "causal")
+        prompt_pass(self.model, input_ids, prompt)
         keys, values = prompt.new_kv()  # [L, S, Hkv, T, D]
         valid = torch.arange(t, device=input_ids.device)[None, :] < input_lens[:, None]
         valid = valid[None, :, None, :, None]
         zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
         keys, values = torch.where(valid, keys, zero), torch.where(valid, values, zero)
         block = GraphKV(self.attention, keys, values, input_lens)
-        block_pos = input_lens[:, None] + torch.arange(p, device=input_ids.device)[None, :]
-        hidden = self.llm(self.llm.embed_tokens(block_ids).to(self.dtype), block_pos, block,
-                          "block")
+        cond = image_start(self.model, block_ids, block, pe)
         block_keys, block_values = block.new_kv()
-        return hidden.float() + pe, keys, values, block_keys, block_values
+        return cond, keys, values, block_keys, block_values
 
 
 @torch.no_grad()
 def reference(model, feeds: dict) -> dict:
     """Row by row with the runtime's static cache (the PyTorch backend's code path)."""
-    cfg, llm = model.spec.llm, model.llm.model
+    cfg = model.spec.llm
     ids, lens, block_ids = feeds["input_ids"], feeds["input_lens"], feeds["block_ids"]
     rows, t = ids.shape
     p = block_ids.shape[1]
@@ -74,12 +73,9 @@ def reference(model, feeds: dict) -> dict:
         n = int(lens[s])
         cache = StaticKVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, n + p,
                               cfg.head_dim, model.dtype, "cpu")
-        emb = llm.embed_tokens(ids[s:s + 1, :n]).to(model.dtype)
-        llm(emb, feeds["positions"][s:s + 1, :n], cache, "causal")
+        prompt_pass(model, ids[s:s + 1, :n], cache)
         cache.advance(n)
-        pos = n + torch.arange(p)[None]
-        hidden = llm(llm.embed_tokens(block_ids[s:s + 1]).to(model.dtype), pos, cache, "block")
-        out["cond"][s] = hidden[0].float() + feeds["pe"]
+        out["cond"][s] = image_start(model, block_ids[s:s + 1], cache, feeds["pe"])[0]
         out["prompt_keys"][:, s, :, :n] = cache.k[:, 0, :, :n]
         out["prompt_values"][:, s, :, :n] = cache.v[:, 0, :, :n]
         out["block_keys"][:, s] = cache.k[:, 0, :, n:]
@@ -92,7 +88,6 @@ def random_inputs(model, gen: torch.Generator, lens: list[int]) -> dict:
     p, vocab = spec.parallel_num, spec.llm.vocab_size
     rows, t = len(lens), max(lens)
     return {"input_ids": torch.randint(0, vocab, (rows, t), generator=gen),
-            "positions": torch.arange(t)[None].expand(rows, t).contiguous(),
             "input_lens": torch.tensor(lens),
             "block_ids": torch.randint(0, vocab, (rows, p), generator=gen),
             "pe": torch.randn(p, spec.llm.hidden_size, generator=gen)}
@@ -101,7 +96,7 @@ def random_inputs(model, gen: torch.Generator, lens: list[int]) -> dict:
 def graph_def(model, attention) -> GraphDef:
     example = random_inputs(model, torch.Generator().manual_seed(0), [7, 5])
     S, T = dim("rows"), dim("prompt_len")
-    dynamic = {"input_ids": {0: S, 1: T}, "positions": {0: S, 1: T}, "input_lens": {0: S},
+    dynamic = {"input_ids": {0: S, 1: T}, "input_lens": {0: S},
                "block_ids": {0: S}, "pe": None}
     return GraphDef(NAME, Prefill(model, attention), example, dynamic,
                     ["cond", "prompt_keys", "prompt_values", "block_keys", "block_values"])

@@ -7,6 +7,7 @@ The head sees ``[B, P, 32]`` noisy tokens, one time per row ``[B]`` and one cond
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -41,21 +42,32 @@ class HeadConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.ch_latent % 128:
+        if self.ch_latent < 128 or self.ch_latent % 128:
             raise ValueError(f"ch_latent {self.ch_latent} must be a multiple of 128")
-        if self.depth_latent % max(1, self.depth_latent // self.depth_adanln):
-            raise ValueError("depth_latent must be a multiple of depth_adanln")
+        if self.depth_adanln < 1 or self.depth_latent < 1 or self.depth_latent % self.depth_adanln:
+            raise ValueError(f"depth_latent {self.depth_latent} must be a positive multiple of "
+                             f"depth_adanln {self.depth_adanln}")
+
+
+@functools.lru_cache(maxsize=None)
+def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """``exp(-ln(max_period) i / half)``, computed once by PyTorch on the CPU (a real tensor
+    even when first asked for while an exporter traces). A graph export then carries them as
+    constants: left as operators, another runtime's exp() may differ by an ulp, which at
+    ``1000 t ~ 950`` moves cos/sin by about 1e-5."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.inference_mode(False), torch.no_grad():
+        freqs = torch.exp(-math.log(max_period) * torch.arange(0, half, dtype=torch.float32)
+                          / half)
+        return freqs.to(device)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0):
-    """``[B]`` times in [0, 1] -> ``[B, dim]``: cos then sin of ``1000 t * freqs``."""
-    half = dim // 2
-    t = 1000.0 * t.float()
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half
-    )
-    args = t[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t)
+    """Times ``[...]`` in [0, 1] -> ``[..., dim]``: cos then sin of ``1000 t * freqs``."""
+    freqs = _frequencies(dim // 2, max_period, t.device)
+    args = (1000.0 * t.float())[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
@@ -154,8 +166,10 @@ class HeadNet(nn.Module):
         return self.denoise(x, self.modulation(self.conditioning(t, c)))
 
     def conditioning(self, t, c):
-        """``y = silu(time_embed(t) + cond_embed(c))``, ``[R, P, C]`` for t ``[R]``, c ``[R, P, Cc]``."""
-        return F.silu(self.time_embed(t).unsqueeze(1) + self.cond_embed(c))
+        """``y = silu(time_embed(t) + cond_embed(c))``: ``[..., R, P, C]`` for times
+        ``[..., R]`` (one per row; leading dims, e.g. one per sampler step, batch several
+        evaluations) and conditions ``[R, P, Cc]``."""
+        return F.silu(self.time_embed(t).unsqueeze(-2) + self.cond_embed(c))
 
     def modulation(self, y):
         """Everything of the network that does not depend on x: the adaLN outputs of each

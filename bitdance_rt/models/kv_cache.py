@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..plugins.sdpa import attend_like_reference, kv_attention_grouped
+from ..plugins.op import kv_attention
+from ..plugins.sdpa import attend_like_reference
 
 
 class ConcatKVCache:
@@ -27,6 +28,11 @@ class ConcatKVCache:
     @property
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def positions(self, batch: int, t: int, device) -> torch.Tensor:
+        """``[batch, t]`` RoPE positions of t new tokens (every row has the same length)."""
+        start = self.length
+        return torch.arange(start, start + t, device=device)[None].expand(batch, t)
 
     def attend(self, layer: int, q, k, v, mode: str) -> torch.Tensor:
         past = 0 if self.k[layer] is None else self.k[layer].shape[2]
@@ -53,7 +59,7 @@ class StaticKVCache:
         self.max_len = max_len
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)
         self.lens_host = [0] * batch
-        self.attention = attention  # optional fused op with the plugin signature
+        self.attention = attention  # the op's contract; default: bitdance::kv_attention
 
     @staticmethod
     def nbytes_for(num_layers, batch, num_kv_heads, max_len, head_dim, dtype) -> int:
@@ -63,6 +69,11 @@ class StaticKVCache:
     def reset(self):
         self.lens.zero_()
         self.lens_host = [0] * len(self.lens_host)
+
+    def positions(self, batch: int, t: int, device) -> torch.Tensor:
+        """``[batch, t]`` RoPE positions of t new tokens: each row's length onwards (computed
+        on the device, so a captured graph replays it for any lengths)."""
+        return self.lens[:, None] + torch.arange(t, device=device)
 
     def set_lens(self, lens):
         """Set every sequence's length (a list of ints): rewinds the cache for a replay; the
@@ -89,12 +100,13 @@ class StaticKVCache:
                 f"KV cache overflow: {max(self.lens_host)} + {t} tokens > max_len {self.max_len}"
             )
         kc, vc = self.k[layer], self.v[layer]
-        attention = self.attention or kv_attention_grouped
+        attention = self.attention or kv_attention
         return attention(q, k, v, kc, vc, self.lens, mode)
 
     def rows(self, start: int, end: int) -> "StaticKVCache":
-        """A view of sequences ``[start, end)`` sharing this cache's buffers (writes land in
-        this cache); advance the parent, not the view."""
+        """A cache of sequences ``[start, end)`` sharing this cache's buffers and lengths
+        tensor (writes and device-side advances land here); its host lengths are its own, so
+        use one of the two at a time."""
         view = object.__new__(StaticKVCache)
         view.k, view.v = self.k[:, start:end], self.v[:, start:end]
         view.max_len, view.attention = self.max_len, self.attention

@@ -47,7 +47,7 @@ def _ptxas_usage(ptx: str, arch: str) -> dict:
                "-o", os.path.join(tmp, "k.cubin")]
         res = subprocess.run(cmd, capture_output=True, text=True)
     log = res.stdout + res.stderr
-    out = {"ptxas_log": log}
+    out = {"ptxas_log": log, "ptxas_ok": res.returncode == 0}
     if m := re.search(r"Used (\d+) registers", log):
         out["n_regs"] = int(m.group(1))
     if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log):
@@ -79,24 +79,8 @@ def compile_for_hopper(dtype: str = "bf16", head_dim: int = 128, group: int = 5,
                   lens_dtype=lens_dtype, arch=arch)
     from triton import knobs
     if knobs.runtime.interpret:
-        return _compile_in_subprocess(kwargs)
+        return _run_in_subprocess("compile_for_hopper", kwargs)
     return _compile(**kwargs)
-
-
-def _compile_in_subprocess(kwargs: dict) -> dict:
-    import pickle
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-    code = ("import pickle, sys; from bitdance_rt.plugins.aot import compile_for_hopper; "
-            "kw = pickle.load(sys.stdin.buffer); sys.stdout.buffer.write(pickle.dumps(compile_for_hopper(**kw)))")
-    res = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env,
-                         capture_output=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"AOT compile subprocess failed:\n{res.stderr.decode(errors='replace')[-4000:]}")
-    return pickle.loads(res.stdout)
 
 
 def _compile(dtype, head_dim, group, causal, block_m, block_n, num_warps, num_stages, m_total,
@@ -154,6 +138,14 @@ def _trt_jit_function():
     return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
 
 
+# What TensorRT's AOT plugin launch passes the kernel, in order: the 6 input pointers, the
+# extra int32 arguments (T, S_max), the output pointer. Nothing else.
+TRT_PARAMS = 9
+# Dynamic shared memory a kernel gets without opting in (cuFuncSetAttribute): TensorRT's
+# launch of an AOT plugin kernel is not documented to opt in, so the entry stays within it.
+TRT_SHARED_LIMIT = 48 * 1024
+
+
 def compile_trt_entry(dtype: str = "bf16", head_dim: int = 128, n_q_heads: int = 40,
                       n_kv_heads: int = 8, scale: float | None = None, causal: bool = False,
                       t_hint: int = 64, arch: int = 90) -> dict:
@@ -161,33 +153,84 @@ def compile_trt_entry(dtype: str = "bf16", head_dim: int = 128, n_q_heads: int =
 
     Head counts, head dim, scale and mask are compile-time constants (a TensorRT AOT plugin
     bakes them into the kernel it embeds); T and S_MAX stay runtime ``int32`` arguments.
-    ``t_hint`` picks the block sizes (the tokens per step the engine mostly runs).
-    Returns name, ptx, shared (bytes), num_warps, block_m, block_n and ptxas figures.
+    ``t_hint`` picks the preferred block sizes (the tokens per step the engine mostly runs);
+    the first configuration from there whose shared memory fits ``TRT_SHARED_LIMIT`` (without
+    register spills, in half precision) is used. Triton appends two scratch pointers to every
+    kernel's parameters, which TensorRT does not pass: they are removed from the PTX entry
+    (after checking that the body never reads them), so the entry takes exactly what TensorRT
+    passes. Returns name, ptx, shared (bytes), num_warps, block_m, block_n, n_params and the
+    ptxas figures.
     """
     kwargs = dict(dtype=dtype, head_dim=head_dim, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
                   scale=scale, causal=causal, t_hint=t_hint, arch=arch)
     from triton import knobs
     if knobs.runtime.interpret:
         return _run_in_subprocess("compile_trt_entry", kwargs)
-    import math
-
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
 
     from .triton_attention import pick_config
 
     dt = _TL_DTYPES[dtype]
     torch_dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
     group = n_q_heads // n_kv_heads
-    cfg = pick_config(group * t_hint, head_dim, torch_dt)
+    best = pick_config(group * t_hint, head_dim, torch_dt)
+    candidates = [(best["BLOCK_M"], best["BLOCK_N"], best["num_warps"], stages)
+                  for stages in (best["num_stages"], 2, 1)]
+    candidates += [(best["BLOCK_M"], 32, 4, 2), (best["BLOCK_M"], 32, 4, 1), (32, 32, 4, 1),
+                   (16, 32, 4, 1)]
+    info = None
+    for block_m, block_n, warps, stages in candidates:
+        info = _compile_trt(dt, head_dim, n_q_heads, n_kv_heads, scale, causal, group, block_m,
+                            block_n, warps, stages, arch)
+        spills_ok = dt == "fp32" or not info.get("n_spills")
+        if info["shared"] <= TRT_SHARED_LIMIT and spills_ok:
+            break
+    if info["shared"] > TRT_SHARED_LIMIT:
+        raise RuntimeError(f"no launch configuration of the TensorRT kernel fits "
+                           f"{TRT_SHARED_LIMIT} bytes of shared memory ({info['shared']})")
+    info["ptx"] = strip_unused_params(info["ptx"], info["name"], TRT_PARAMS)
+    info["n_params"] = len(entry_params(info["ptx"]))
+    target = re.search(r"^\.target\s+(\S+)", info["ptx"], re.MULTILINE)
+    info.update(_ptxas_usage(info["ptx"], target.group(1) if target else f"sm_{arch}a"))
+    return info
+
+
+def entry_params(ptx: str) -> list[str]:
+    """The parameter declarations of the PTX's ``.entry``."""
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
+    return [p.strip() for p in entry.group(1).split(",") if p.strip()] if entry else []
+
+
+def strip_unused_params(ptx: str, name: str, keep: int) -> str:
+    """Drop the entry's parameters after the first ``keep`` (Triton's scratch pointers);
+    refuse if the kernel body reads one of them."""
+    params = entry_params(ptx)
+    if len(params) <= keep:
+        return ptx
+    extra = [re.search(r"(\w+_param_\d+)", p).group(1) for p in params[keep:]]
+    body = ptx[ptx.index(")", ptx.index(".entry")):]
+    used = [p for p in extra if re.search(rf"\b{p}\b", body)]
+    if used:
+        raise RuntimeError(f"the kernel {name} reads {used}, parameters TensorRT does not pass")
+    entry = re.search(r"(\.entry\s+\w+\s*\()(.*?)(\))", ptx, re.S)
+    kept = ",".join(entry.group(2).split(",")[:keep]).rstrip() + "\n"
+    return ptx[:entry.start(2)] + kept + ptx[entry.end(2):]
+
+
+def _compile_trt(dt, head_dim, n_q_heads, n_kv_heads, scale, causal, group, block_m, block_n,
+                 num_warps, num_stages, arch) -> dict:
+    import math
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     scale = head_dim ** -0.5 if scale is None else scale
     sig = {n: f"*{dt}" for n in ("Q", "KN", "VN", "KC", "VC", "OUT")}
     sig.update(LENS="*i32", T="i32", S_MAX="i32")
     constexprs = dict(N_Q_HEADS=n_q_heads, N_KV_HEADS=n_kv_heads,
                       QK_SCALE=float(scale) / math.log(2.0), GROUP=group, HEAD_DIM=head_dim,
-                      BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=cfg["BLOCK_M"],
-                      BLOCK_N=cfg["BLOCK_N"], CAUSAL=causal,
+                      BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
+                      BLOCK_N=block_n, CAUSAL=causal,
                       DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
     sig.update({n: "constexpr" for n in constexprs})
     fn = _trt_jit_function()
@@ -196,16 +239,13 @@ def compile_trt_entry(dtype: str = "bf16", head_dim: int = 128, n_q_heads: int =
     src = triton.compiler.ASTSource(fn=fn, signature={k: sig[k] for k in fn.arg_names},
                                     constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=cfg["num_warps"],
-                                           num_stages=cfg["num_stages"]))
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
     info = dict(name=compiled.name, ptx=ptx, shared=compiled.metadata.shared,
-                num_warps=compiled.metadata.num_warps, block_m=cfg["BLOCK_M"],
-                block_n=cfg["BLOCK_N"], group=group, arch=arch)
+                num_warps=compiled.metadata.num_warps, num_stages=num_stages, block_m=block_m,
+                block_n=block_n, group=group, arch=arch)
     ptx_target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE)
     info.update(_ptxas_usage(ptx, ptx_target.group(1) if ptx_target else f"sm_{arch}a"))
-    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
-    info["n_params"] = len(re.findall(r"_param_\d+", entry.group(1))) if entry else None
     return info
 
 

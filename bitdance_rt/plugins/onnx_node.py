@@ -22,43 +22,18 @@ from __future__ import annotations
 
 import torch
 
-from .reference import MODE_CAUSAL, mode_to_int
+from .reference import attend, mode_to_int
 
 DOMAIN = "bitdance"
 OP_TYPE = "kv_attention"
 OPSET_VERSION = 1
 
 
-def _attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode: int, scale: float):
-    """Plain math of the node (no cache write), fp32 softmax."""
-    s, hq, t, d = q.shape
-    hkv, s_max = k_new.shape[1], k_cache.shape[2]
-    g = hq // hkv
-    keys = torch.cat([k_cache, k_new], dim=2).float()
-    values = torch.cat([v_cache, v_new], dim=2).float()
-    qg = q.float().reshape(s, hkv, g, t, d)
-    scores = torch.matmul(qg, keys.unsqueeze(2).transpose(-1, -2)) * scale  # [S,Hkv,G,T,S_max+T]
-    j = torch.arange(s_max + t, device=q.device)
-    i = torch.arange(t, device=q.device)
-    in_cache = j[None, :] < cache_lens.long()[:, None]                     # [S, S_max+T]
-    new_j = j - s_max
-    if mask_mode == MODE_CAUSAL:
-        in_block = (new_j[None, :] >= 0) & (new_j[None, :] <= i[:, None])  # [T, S_max+T]
-    else:
-        in_block = (new_j >= 0)[None, :].expand(t, -1)
-    seen = in_cache[:, None, :] | in_block[None]                           # [S, T, S_max+T]
-    scores = scores.masked_fill(~seen[:, None, None], float("-inf"))
-    values = torch.where((j < s_max)[None, None, :, None] & ~in_cache[:, None, :, None],
-                         torch.zeros((), device=q.device), values)  # unused slots may be garbage
-    out = torch.matmul(torch.softmax(scores, dim=-1), values.unsqueeze(2))
-    return out.reshape(s, hq, t, d).to(q.dtype)
-
-
 @torch.library.custom_op("bitdance::kv_attention_node", mutates_args=())
 def kv_attention_node(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                       mask_mode: int, scale: float) -> torch.Tensor:
-    return _attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode, scale)
+    return attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode, scale)
 
 
 @kv_attention_node.register_fake

@@ -66,9 +66,62 @@ def write_kv_ref(k_new, v_new, k_cache, v_cache, cache_lens) -> None:
     v_cache.scatter_(2, index, v_new.to(v_cache.dtype))
 
 
+def attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str | int,
+           scale: float | None = None, fp32_math: bool = True, unseen_may_be_garbage: bool = True):
+    """Attention of T new tokens over a cache and over themselves, without writing the cache:
+    the one plain-PyTorch form of the contract (the CPU fallback of the op, the test oracle,
+    the ``--attention standard`` graphs and the ONNX plugin node's PyTorch side).
+
+    q ``[B, Hq, T, D]``; k_new, v_new ``[B, Hkv, T, D]``; k_cache, v_cache ``[B, Hkv, S_max, D]``
+    or None (an empty cache); cache_lens ``[B]`` integer (ignored without a cache). Cache slot j
+    of row b is seen iff ``j < cache_lens[b]``; "block": every new token sees all new tokens,
+    "causal": new token i sees new tokens ``<= i``. GQA: query head h uses kv head
+    ``h // (Hq // Hkv)``, by grouping query heads (the cache is never repeated). Scores against
+    the cache and against the new tokens are computed separately and joined before the
+    softmax (float32), so the cache is read once and never concatenated.
+
+    ``fp32_math``: products in float32 (the oracle); else in the inputs' dtype with a float32
+    softmax (what an exported graph does). ``unseen_may_be_garbage``: zero the values of unseen
+    slots, so that NaN or inf there cannot leak through a zero probability; a runtime whose
+    cache is zero-initialized can skip that pass.
+    """
+    causal = mode_to_int(mode) == MODE_CAUSAL
+    b, hq, t, d = q.shape
+    hkv = k_new.shape[1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    cast = (lambda x: x.float()) if fp32_math else (lambda x: x)
+    qg = cast(q).reshape(b, hkv, g, t, d)
+    neg = torch.tensor(float("-inf"), dtype=torch.float32, device=q.device)
+
+    new_scores = torch.matmul(qg, cast(k_new).unsqueeze(2).transpose(-1, -2)).float() * scale
+    if causal:
+        i = torch.arange(t, device=q.device)
+        new_scores = torch.where(i[None, :] <= i[:, None], new_scores, neg)
+    if k_cache is None:
+        probs = torch.softmax(new_scores, dim=-1)
+        out = torch.matmul(probs.to(qg.dtype), cast(v_new).unsqueeze(2))
+        return out.reshape(b, hq, t, d).to(q.dtype)
+
+    s_max = k_cache.shape[2]
+    seen = torch.arange(s_max, device=q.device)[None, :] < cache_lens.long()[:, None]  # [B, S]
+    cache_scores = torch.matmul(qg, cast(k_cache).unsqueeze(2).transpose(-1, -2)).float() * scale
+    cache_scores = torch.where(seen[:, None, None, None, :], cache_scores, neg)
+    probs = torch.softmax(torch.cat([cache_scores, new_scores], dim=-1), dim=-1).to(qg.dtype)
+    values = cast(v_cache)
+    if unseen_may_be_garbage:
+        values = torch.where(seen[:, None, :, None], values, torch.zeros((), dtype=values.dtype,
+                                                                          device=q.device))
+    out = (torch.matmul(probs[..., :s_max], values.unsqueeze(2))
+           + torch.matmul(probs[..., s_max:], cast(v_new).unsqueeze(2)))
+    return out.reshape(b, hq, t, d).to(q.dtype)
+
+
 def kv_attention_ref(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str | int,
                      scale: float | None = None) -> torch.Tensor:
-    """Write the new K/V into the cache in place, then attend (fp32 math).
+    """The op's contract in plain PyTorch (fp32 math): attention of the new tokens over
+    ``[0, cache_lens[b])`` of the cache and over themselves (:func:`attend`), and the new keys
+    and values written into the cache in place at ``[cache_lens[b], cache_lens[b] + T)``.
 
     Args:
       q:          [B, Hq, T, D]
@@ -80,37 +133,9 @@ def kv_attention_ref(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str | 
       mode:       "block" | "causal" (or 0 | 1), see module docstring.
       scale:      softmax scale, default D ** -0.5.
     Returns:
-      out: [B, Hq, T, D] in q's dtype. GQA: query head h uses kv head h // (Hq // Hkv).
+      out: [B, Hq, T, D] in q's dtype.
     """
     check_shapes(q, k_new, v_new, k_cache, v_cache, cache_lens)
-    causal = mode_to_int(mode) == MODE_CAUSAL
-    B, Hq, T, D = q.shape
-    Hkv, S = k_cache.shape[1], k_cache.shape[2]
-    G = Hq // Hkv
-    if scale is None:
-        scale = D ** -0.5
-
+    out = attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mode, scale)
     write_kv_ref(k_new, v_new, k_cache, v_cache, cache_lens)
-
-    lens = cache_lens.to(torch.long)
-    j = torch.arange(S, device=q.device)  # key positions [S]
-    if causal:
-        limit = lens[:, None] + torch.arange(1, T + 1, device=q.device)  # [B, T], exclusive
-    else:
-        limit = (lens + T)[:, None].expand(B, T)
-    allowed = j[None, None, :] < limit[:, :, None]  # [B, T, S]
-    # Slots past cache_lens[b] + T may hold garbage (torch.empty, NaN): zero V there so
-    # 0-probability * NaN cannot leak into the output; K garbage is removed by the mask.
-    valid_kv = (j[None, :] < (lens + T)[:, None])[:, None, :, None]  # [B, 1, S, 1]
-    k = k_cache.float()
-    v = torch.where(valid_kv, v_cache.float(), torch.zeros((), device=q.device))
-
-    # Group query heads by kv head instead of repeating the cache G times:
-    # q head h = kvh * G + g, i.e. the repeat_interleave convention. 5-D tensors (no
-    # flattening of G with the symbolic T) keep torch.export free of shape guards on T.
-    qg = q.float().reshape(B, Hkv, G, T, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)[:, :, None]) * scale  # [B, Hkv, G, T, S]
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v[:, :, None])  # [B, Hkv, G, T, D]
-    return out.reshape(B, Hq, T, D).to(q.dtype)
+    return out

@@ -19,10 +19,14 @@ Runtime):
 Head counts and head dim must be build-time constants in the network; B, T and S_max may be
 dynamic (they are passed to the kernel as int32 arguments). Note: Triton 3.x kernels declare
 two trailing scratch-pointer parameters that TensorRT does not pass; this kernel uses no
-global scratch (checked in ``tests/test_plugins_tensorrt.py``), so they are never read.
-"""
+global scratch: the AOT compile removes them from the PTX entry (see ``aot.py``), so the entry
+takes exactly the 9 arguments TensorRT passes, and its launch stays within the 48 KiB of dynamic
+shared memory a kernel gets without opting in.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the annotations of the
+decorated functions as classes (``issubclass``); postponed (string) annotations make
+registration raise ``TypeError``.
+"""
 
 PLUGIN_NAMESPACE = "bitdance"
 PLUGIN_NAME = "kv_attention"

@@ -1,39 +1,58 @@
-"""The AR loop, written once over any :class:`~bitdance_rt.runtime.backend.Backend`."""
+"""The AR loop, written once over any :class:`~bitdance_rt.runtime.backend.Backend`.
+
+Random numbers come from a :class:`~bitdance_rt.sampling.NoiseSource` (one generator per
+request), never from the global generator: two requests in one process, in any order or in one
+batch, each give the image they give alone.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from ..pipeline import GenerationRequest, StepCallback
-from ..sampling import draw_block_noise
-from .backend import Backend, ImagePlan
+from ..request import ImagePlan
+from ..sampling import NoiseSource
+from .backend import Backend
 from .timing import StageTimer
+
+# on_step(blocks done, blocks in all); may raise to abandon the run
+StepCallback = Callable[[int, int], None]
+
+
+def noise_source(rng, device) -> NoiseSource:
+    """A seed (int: one request) or ``(seed, images)`` pairs become a fresh NoiseSource on
+    ``device``; a NoiseSource is used as given (it is consumed by one run)."""
+    if isinstance(rng, NoiseSource):
+        return rng
+    return NoiseSource.from_seeds(rng, device)
 
 
 @torch.no_grad()
-def generate_tokens(backend: Backend, plan: ImagePlan, seed: int, timer: StageTimer | None = None,
-                    on_step: StepCallback | None = None) -> torch.Tensor:
-    """Seeds the global generator, runs prefill and every block; returns tokens
-    ``[B, h*w, 32]`` (patch raster order). Noise is drawn up front per block in the reference
-    order (x_0, then one tensor per step) on the backend's device."""
+def generate_tokens(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | None = None,
+                    on_step: StepCallback | None = None, noise: NoiseSource | None = None):
+    """Prefill and every block; returns tokens ``[B, h*w, 32]`` (patch raster order). Each
+    block's noise is drawn up front in the reference order (x_0, then one tensor per step) on
+    the backend's device."""
     timer = timer or StageTimer(backend.device, enabled=False)
+    noise = noise or noise_source(rng, backend.device)
     p, b = backend.parallel_num, plan.images
     wb = backend.weight_bytes(plan)
-    num_blocks = plan.h * plan.w // p
-    torch.manual_seed(seed)
+    num_blocks = plan.tokens // p
     backend.begin(plan)
     with timer.stage("prefill", calls=wb.get("prefill_calls", 1), weight_bytes=wb.get("prefill", 0)):
         cond = backend.prefill()
-    out = torch.empty((b, plan.h * plan.w, backend.ch_target), device=backend.device)
+    out = torch.empty((b, plan.tokens, backend.ch_target), device=backend.device)
     for k in range(num_blocks):
-        noise = draw_block_noise(b, p, backend.ch_target, plan.steps, backend.device)
+        draws = noise.block(b, p, backend.ch_target, plan.steps, backend.device)
         with timer.stage("head", calls=wb.get("head_calls", plan.steps + 1),
                          weight_bytes=wb.get("head", 0)):
-            x = backend.sample_head(cond, noise)
+            x = backend.sample_head(cond, draws)
         tokens = torch.sign(x)
         out[:, k * p:(k + 1) * p] = tokens
-        if k + 1 < num_blocks:
-            with timer.stage("block_step", calls=1, weight_bytes=wb.get("block_step", 0)):
+        if k + 1 < num_blocks or backend.final_block_step:
+            with timer.stage("block_step", calls=wb.get("block_step_calls", 1),
+                             weight_bytes=wb.get("block_step", 0)):
                 cond = backend.block_step(tokens, k)
         if on_step:
             on_step(k + 1, num_blocks)
@@ -41,27 +60,20 @@ def generate_tokens(backend: Backend, plan: ImagePlan, seed: int, timer: StageTi
 
 
 @torch.no_grad()
-def generate(backend: Backend, plan: ImagePlan, seed: int, timer: StageTimer | None = None,
+def generate(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | None = None,
              on_step: StepCallback | None = None) -> torch.Tensor:
-    """uint8 images ``[B, 16h, 16w, 3]``. A gan-decoder model's noise is drawn after all AR
-    steps (reference order)."""
+    """uint8 images ``[B, 16h, 16w, 3]`` (CPU). ``rng``: a seed, ``(seed, images)`` pairs (one
+    per request of the plan, in order) or a NoiseSource. A gan-decoder model's noise is drawn
+    after all AR steps (reference order)."""
     timer = timer or StageTimer(backend.device, enabled=False)
+    noise = noise_source(rng, backend.device)
     timer.start()
-    tokens = generate_tokens(backend, plan, seed, timer, on_step)
-    noise = None
+    tokens = generate_tokens(backend, plan, None, timer, on_step, noise=noise)
+    decoder_noise = None
     if backend.gan_decoder:
-        noise = torch.randn((plan.images, backend.ch_target, plan.h, plan.w), device=backend.device)
+        decoder_noise = noise.decoder(plan.images, backend.ch_target, plan.h, plan.w,
+                                      backend.device)
     with timer.stage("decode", calls=1, weight_bytes=backend.weight_bytes(plan).get("decode", 0)):
-        images = backend.decode(tokens, noise)
+        images = backend.decode(tokens, decoder_noise)
     timer.stop()
     return images
-
-
-def plan_for(model, req: GenerationRequest) -> ImagePlan:
-    """The plan of a request on a checkpoint with a tokenizer."""
-    from ..pipeline import prompt_sequences
-
-    h, w = req.validate()
-    seqs = tuple(tuple(s) for s in prompt_sequences(model, req, h, w))
-    return ImagePlan(h=h, w=w, images=req.num_images, seq_ids=seqs, steps=req.steps,
-                     guidance=req.guidance)

@@ -21,31 +21,37 @@ class StageStats:
 
 
 class StageTimer:
-    """``with timer.stage("head", calls=51, weight_bytes=...):`` accumulates wall time.
+    """``with timer.stage("head", calls=51, weight_bytes=...):`` accumulates each stage's time.
 
-    On CUDA the device is synchronized at both ends of a stage so that the time is the work's,
-    not the launch's; a disabled timer (the default in generation) adds no synchronization.
+    On the CPU a stage is timed by the wall clock. On CUDA each stage records a pair of CUDA
+    events on the current stream and nothing waits: the work keeps flowing, and :meth:`stop`
+    synchronizes once and reads every event pair (the time the device spent between them). A
+    disabled timer (the default in generation) records nothing.
     """
 
     def __init__(self, device: torch.device | str = "cpu", enabled: bool = True):
         self.device = torch.device(device)
         self.enabled = enabled
+        self.cuda = self.device.type == "cuda"
         self.stats: dict[str, StageStats] = {}
         self.total = 0.0
         self._t0 = None
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._events = []  # (name, start, end) on CUDA, read at stop()
 
     def start(self):
-        if self.enabled:
-            self._sync()
+        if self.enabled and self.cuda:
+            torch.cuda.synchronize(self.device)
         self._t0 = time.perf_counter()
 
     def stop(self):
-        if self.enabled:
-            self._sync()
+        if self.enabled and self.cuda:
+            torch.cuda.synchronize(self.device)
+            for name, start, end in self._events:
+                dt = start.elapsed_time(end) / 1e3
+                s = self.stats[name]
+                s.seconds += dt
+                s.per_call.append(dt)
+            self._events = []
         self.total = time.perf_counter() - self._t0
 
     @contextmanager
@@ -53,15 +59,21 @@ class StageTimer:
         if not self.enabled:
             yield
             return
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        dt = time.perf_counter() - t0
         s = self.stats.setdefault(name, StageStats())
-        s.seconds += dt
         s.calls += calls
         s.weight_bytes += weight_bytes
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((name, start, end))
+            return
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        s.seconds += dt
         s.per_call.append(dt)
 
     def as_dict(self) -> dict:

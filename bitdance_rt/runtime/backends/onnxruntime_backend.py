@@ -17,26 +17,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ... import dtypes
 from ...checkpoint import BitDanceModel
 from ...errors import EngineError, ResourceError
-from ...export.head_step import step_inputs
-from ...export.manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
+from ...manifest import GRAPHS, check_files, check_model, check_weights, read_manifest
 from ...models.kv_cache import StaticKVCache
 from ...models.posemb import tokens_to_latent
-from ...sampling import step_times, time_grid
+from ...sampling import step_schedule
 from ..backend import Backend, ImagePlan
 from ..buffers import (available_memory, block_posembs, ensure_cache_fits, modulation_bytes,
                        modulation_shapes)
 
-KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
-                 torch.uint8: np.uint8, torch.bfloat16: 16}  # 16 = onnx TensorProto.BFLOAT16
 # Inputs the runtime feeds each graph (a directory from another version may differ).
 GRAPH_INPUTS = {
-    "prefill": {"input_ids", "positions", "input_lens", "block_ids", "pe"},
+    "prefill": {"input_ids", "input_lens", "block_ids", "pe"},
     "block_step": {"tokens", "pe", "pe_next", "k_cache", "v_cache", "cache_lens"},
     "head_prepare": {"cond", "times"},
     "head_step": {"x", "t", "coeffs", "noise", "ada_mod", "final_mod", "guidance"},
@@ -60,9 +56,9 @@ class OnnxRuntimeBackend(Backend):
         check_weights(self.manifest, model.path, self.engine_dir)
         check_files(self.manifest, self.engine_dir)
         dtype = self.manifest["dtype"]
-        if dtype not in KV_DTYPES:
+        if dtype not in ("fp32", "fp16", "bf16"):
             raise EngineError(f"{self.engine_dir}/manifest.json has an unknown dtype {dtype!r}")
-        self.kv_dtype = KV_DTYPES[dtype]
+        self.kv_dtype = dtypes.parse(dtype)
         if self.device.type == "cpu" and dtype == "bf16":
             raise EngineError(
                 f"{self.engine_dir} holds bf16 graphs, which ONNX Runtime's CPU provider cannot "
@@ -132,10 +128,10 @@ class OnnxRuntimeBackend(Backend):
         for key, t in inputs.items():
             t = t.contiguous()
             keep.append(t)
-            binding.bind_input(key, kind, index, ELEMENT_TYPES[t.dtype], tuple(t.shape),
+            binding.bind_input(key, kind, index, dtypes.ort_element_type(t.dtype), tuple(t.shape),
                                t.data_ptr())
         for key, t in outputs.items():
-            binding.bind_output(key, kind, index, ELEMENT_TYPES[t.dtype], tuple(t.shape),
+            binding.bind_output(key, kind, index, dtypes.ort_element_type(t.dtype), tuple(t.shape),
                                 t.data_ptr())
         session.run_with_iobinding(binding)
 
@@ -179,9 +175,8 @@ class OnnxRuntimeBackend(Backend):
             self.cache_k = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
             self.cache_v = torch.zeros(shape, dtype=self.kv_dtype, device=dev)
             self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, dev)
-            ts, dts = time_grid(plan.steps, self.spec.head.time_shift)
-            self.steps = [(t.to(dev), c.to(dev)) for t, c in step_inputs(ts, dts)]
-            self.times = torch.stack(step_times(ts)).to(dev)
+            times, coeffs = step_schedule(plan.steps, self.spec.head.time_shift)
+            self.times, self.coeffs = times.to(dev), coeffs.to(dev)
             # head_prepare's outputs (export dtype), one slice per step, written once per block
             ada_shape, final_shape = modulation_shapes(self.spec, rows, plan.steps)
             self.ada_mod = torch.empty(ada_shape, dtype=self.kv_dtype, device=dev)
@@ -216,15 +211,14 @@ class OnnxRuntimeBackend(Backend):
 
     def prefill(self) -> torch.Tensor:
         """All prompt rows in one call (right-padded to the longest prompt)."""
-        plan, p, b, dev = self.plan, self.parallel_num, self.plan.images, self.device
-        seqs = [list(ids) for ids in plan.seq_ids for _ in range(b)]
+        plan, p, dev = self.plan, self.parallel_num, self.device
+        seqs = [list(ids) for ids in plan.row_ids()]
         lens = [len(s) - p for s in seqs]
         t = max(lens)
         ids = torch.zeros(len(seqs), t, dtype=torch.int64)
         for i, s in enumerate(seqs):
             ids[i, :lens[i]] = torch.tensor(s[:-p])
         inputs = {"input_ids": ids.to(dev),
-                  "positions": torch.arange(t, device=dev)[None].expand(len(seqs), t),
                   "input_lens": torch.tensor(lens, device=dev),
                   "block_ids": torch.tensor([s[-p:] for s in seqs], device=dev),
                   "pe": self.pe_blocks[0]}
@@ -245,10 +239,11 @@ class OnnxRuntimeBackend(Backend):
         self._run("head_prepare", {"cond": cond, "times": self.times},
                   {"ada_mod": self.ada_mod, "final_mod": self.final_mod})
         x = noise[0]
-        for k, (t, coeffs) in enumerate(self.steps):
+        for k in range(self.times.shape[0]):
             step_noise = noise[k + 1] if k + 1 < len(noise) else x  # final step: unused (x 0)
             out = torch.empty_like(x)
-            self._run("head_step", {"x": x, "t": t, "coeffs": coeffs, "noise": step_noise,
+            self._run("head_step", {"x": x, "t": self.times[k:k + 1], "coeffs": self.coeffs[k],
+                                    "noise": step_noise,
                                     "ada_mod": self.ada_mod[k], "final_mod": self.final_mod[k],
                                     "guidance": self.guidance}, {"x_next": out})
             x = out
@@ -266,15 +261,18 @@ class OnnxRuntimeBackend(Backend):
         return cond
 
     def decode(self, tokens: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """One image at a time, as the torch backend decodes (an image does not depend on the
+        batch it was generated in)."""
         plan = self.plan
         latent = tokens_to_latent(tokens.float(), plan.h, plan.w, self.spec.patch)
-        inputs = {"latent": latent}
-        if self.gan_decoder:
-            if noise is None:
-                noise = torch.randn(latent.shape, device=self.device)
-            inputs["noise"] = noise.float()
         up = self.spec.ae.downsample
-        image = torch.empty(plan.images, up * plan.h, up * plan.w, 3, dtype=torch.uint8,
-                            device=self.device)
-        self._run("decoder", inputs, {"image": image})
-        return image.cpu()
+        images = []
+        for i in range(plan.images):
+            inputs = {"latent": latent[i:i + 1]}
+            if self.gan_decoder:
+                inputs["noise"] = noise[i:i + 1].float()
+            image = torch.empty(1, up * plan.h, up * plan.w, 3, dtype=torch.uint8,
+                                device=self.device)
+            self._run("decoder", inputs, {"image": image})
+            images.append(image.cpu())
+        return torch.cat(images)

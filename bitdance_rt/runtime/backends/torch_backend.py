@@ -1,9 +1,15 @@
 """The PyTorch backend: one batched LLM call per block for all 2B sequences over a static KV
-cache written in place, and on CUDA the head sampling loop and the block step replayed as
-CUDA graphs.
+cache written in place, the x-independent part of the head once per block, and on CUDA the
+head sampling loop and the block step replayed as CUDA graphs.
 
-Numerics follow the reference pipeline op for op (same sampler arithmetic, same projector and
-position-embedding additions), so on the CPU in float32 it reproduces the reference's image.
+It computes with the same functions as the reference (:mod:`bitdance_rt.models.steps`,
+:mod:`bitdance_rt.sampling`), so on the CPU in float32 it reproduces the reference's image.
+
+Buffers are kept while they are large enough: the KV cache (rows x slots), the position
+embeddings of a size, the captured graphs. A plan with fewer images or shorter prompts reuses
+them; with CUDA graphs its images are placed in the captured batch (the spare rows compute
+nothing anyone reads). Only a larger plan, another size or another step count allocates or
+captures again, after the memory check.
 """
 
 from __future__ import annotations
@@ -11,20 +17,26 @@ from __future__ import annotations
 import torch
 
 from ...checkpoint import BitDanceModel
-from ...errors import ResourceError
 from ...models.kv_cache import StaticKVCache
-from ...pipeline import decode_tokens
-from ...sampling import sample_block_premodulated, time_grid
-from ..backend import Backend, ImagePlan
+from ...models.steps import block_step, decode_tokens, image_start, prompt_pass
+from ...request import ImagePlan
+from ...sampling import head_modulations, run_sampler, step_schedule
+from ..backend import Backend
 from ..buffers import available_memory, block_posembs, ensure_cache_fits, modulation_bytes
+from ..graphs import capture
 from ..timing import module_bytes
+
+PROMPT_ROOM = 256
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: BitDanceModel, cuda_graphs: bool | None = None,
-                 compile: bool = False, use_plugin: bool = True):
+                 compile: bool = False, use_plugin: bool = True, emulate_graphs: bool = False):
+        """``cuda_graphs``: replay the head loop and the block step as CUDA graphs (default:
+        on CUDA). ``emulate_graphs`` runs the graph code paths on the CPU through
+        :class:`~bitdance_rt.runtime.graphs.RecordedGraph` (tests)."""
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
@@ -33,18 +45,24 @@ class TorchBackend(Backend):
         self.ch_target = model.spec.head.ch_target
         self.gan_decoder = model.spec.ae.gan_decoder
         on_cuda = self.device.type == "cuda"
-        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
-        self.attention = None
-        if use_plugin or self.cuda_graphs:  # graphs need the length-aware fused op
-            from ...plugins import kv_attention
+        self.emulate = emulate_graphs
+        self.graphs = emulate_graphs or (on_cuda and cuda_graphs is not False)
+        # The fused op (CPU: SDPA as the reference calls it; CUDA: the Triton kernel), or the
+        # plain-PyTorch form of the same contract (an independent check of the op).
+        from ...plugins import kv_attention, kv_attention_ref
 
-            self.attention = kv_attention
+        self.attention = kv_attention if use_plugin or self.graphs else kv_attention_ref
         self.head_net = model.head.net
         self.denoise = torch.compile(self.head_net.denoise) if compile else None
-        self.cache: StaticKVCache | None = None
-        self._key = None
-        self._head_graphs: dict = {}
-        self._block_graph = None
+        self.storage: StaticKVCache | None = None  # the KV cache at its capacity
+        self.cache: StaticKVCache | None = None    # the rows of the current plan
+        self._pe = {}
+        self._schedules = {}
+        self._head_graphs = {}
+        self._block_graphs = {}
+        self._views = {}
+        self._graph_batch = {}
+        self.plan = None
 
     # -- buffers ---------------------------------------------------------------------------
 
@@ -53,174 +71,200 @@ class TorchBackend(Backend):
         layers = module_bytes(llm.layers) + module_bytes(llm.norm)
         # The x-independent part of the head (condition embedding and every modulation) is
         # read once per block, the rest once per step.
-        once = (module_bytes(net.cond_embed) + module_bytes(net.ada_ln_blocks)
-                + module_bytes(net.final_layer.ada_ln_modulation))
+        once = (module_bytes(net.cond_embed) + module_bytes(net.time_embed)
+                + module_bytes(net.ada_ln_blocks) + module_bytes(net.final_layer.ada_ln_modulation))
         per_step = module_bytes(net) - once
-        calls = len(plan.seq_ids) + 1  # a causal pass per prompt, one batched block call
+        calls = len(plan.groups()) + 1  # a causal pass per prompt, one batched block call
         return {"prefill": calls * layers, "prefill_calls": calls,
                 "block_step": layers + module_bytes(self.model.projector),
                 "head": once + (plan.steps + 1) * per_step, "head_calls": plan.steps + 1,
                 "decode": module_bytes(self.model.ae.decoder)}
 
+    def _images(self, plan: ImagePlan) -> int:
+        """The batch the plan runs at: its own, or with graphs the largest captured one."""
+        if not self.graphs:
+            return plan.images
+        n = max(plan.images, self._graph_batch.get(plan.cfg, 0))
+        self._graph_batch[plan.cfg] = n
+        return n
+
     def begin(self, plan: ImagePlan) -> None:
-        cfg = self.spec.llm
-        p = self.parallel_num
-        rows, max_len = plan.rows, plan.max_len(p)
-        key = (plan.h, plan.w, plan.steps, plan.guidance, rows, max_len)
+        cfg, p = self.spec.llm, self.parallel_num
         self.plan = plan
-        if self.cache is not None and key == self._key:
-            self.cache.reset()  # same sizes: buffers and captured graphs stay valid
-            return
-        # New sizes: drop the graphs (they point at the old buffers) and rebuild.
-        self._key, self._head_graphs, self._block_graph, self.cache = key, {}, None, None
-        ts, dts = time_grid(plan.steps, self.spec.head.time_shift)
-        self.ts = [t.to(self.device) for t in ts]
-        self.dts = [d.to(self.device) for d in dts]
-        self.pe_blocks = block_posembs(self.spec, plan.h, plan.w, self.device)
-        need = StaticKVCache.nbytes_for(cfg.num_hidden_layers, rows, cfg.num_key_value_heads,
-                                        max_len, cfg.head_dim, self.dtype)
-        ensure_cache_fits(need, available_memory(self.device), rows, max_len, self.device,
-                          extra=modulation_bytes(self.spec, rows, plan.steps, self.dtype))
-        self.cache = StaticKVCache(cfg.num_hidden_layers, rows, cfg.num_key_value_heads, max_len,
-                                   cfg.head_dim, self.dtype, self.device, attention=self.attention)
+        self.images = self._images(plan)
+        rows = self.images * (2 if plan.cfg else 1)
+        max_len = plan.max_len(p)
+        old = self.storage
+        if old is None or rows > old.k.shape[1] or max_len > old.max_len:
+            # Larger than what we hold: drop the graphs (they point at the old buffers), check
+            # the memory, allocate at the new capacity.
+            self.storage, self.cache, self._views = None, None, {}
+            self._head_graphs, self._block_graphs = {}, {}
+            cap_rows = max(rows, old.k.shape[1] if old is not None else 0)
+            # room for prompts up to the next multiple of PROMPT_ROOM tokens, so that another
+            # prompt length does not reallocate
+            longest = max_len - plan.tokens + p
+            room = -(-longest // PROMPT_ROOM) * PROMPT_ROOM
+            cap_len = max(max_len + room - longest, old.max_len if old is not None else 0)
+            del old
+            need = StaticKVCache.nbytes_for(cfg.num_hidden_layers, cap_rows,
+                                            cfg.num_key_value_heads, cap_len, cfg.head_dim,
+                                            self.dtype)
+            ensure_cache_fits(need, available_memory(self.device), cap_rows, cap_len,
+                              self.device,
+                              extra=modulation_bytes(self.spec, cap_rows, plan.steps, self.dtype))
+            self.storage = StaticKVCache(cfg.num_hidden_layers, cap_rows,
+                                         cfg.num_key_value_heads, cap_len, cfg.head_dim,
+                                         self.dtype, self.device, attention=self.attention)
+        if rows not in self._views:  # one view object per row count: graphs hold it
+            self._views[rows] = self.storage.rows(0, rows)
+        self.cache = self._views[rows]
+        self.cache.reset()
+        if (plan.h, plan.w) not in self._pe:
+            self._pe[(plan.h, plan.w)] = block_posembs(self.spec, plan.h, plan.w, self.device)
+        self.pe_blocks = self._pe[(plan.h, plan.w)]
+        if plan.steps not in self._schedules:
+            times, coeffs = step_schedule(plan.steps, self.spec.head.time_shift)
+            self._schedules[plan.steps] = (times.to(self.device), coeffs.to(self.device))
+        self.times, self.coeffs = self._schedules[plan.steps]
+
+    def _row_ids(self) -> list:
+        """The sequence of every cache row: the plan's rows, with graphs padded to the captured
+        batch by repeating the first image's sequences (their results are not read)."""
+        plan, pad = self.plan, self.images - self.plan.images
+        cond = list(plan.cond_ids) + [plan.cond_ids[0]] * pad
+        return cond + ([plan.uncond_ids] * self.images if plan.cfg else [])
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, ...]`` -> ``[images, ...]`` with zero rows for the spare images."""
+        pad = self.images - x.shape[0]
+        return x if pad == 0 else torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
 
     # -- LLM -------------------------------------------------------------------------------
 
     def prefill(self) -> torch.Tensor:
-        """Causal pass per prompt (its B rows at the prompt's exact length, as the reference
-        does), then one batched block call for every sequence's image-start tokens."""
-        plan, p, m, b = self.plan, self.parallel_num, self.model, self.plan.images
-        image_part = []
-        for g, ids in enumerate(plan.seq_ids):
-            ids = torch.tensor(ids, device=self.device)
-            emb = m.llm.model.embed_tokens(ids)[None].expand(b, -1, -1)
-            t = len(ids) - p
-            pos = torch.arange(t, device=self.device)[None].expand(b, t)
-            rows = self.cache.rows(g * b, (g + 1) * b)
-            m.llm.model(emb[:, :t].to(self.dtype), pos, rows, "causal")
-            image_part.append(emb[:, t:])
-        self.cache.advance([len(ids) - p for ids in plan.seq_ids for _ in range(b)])
-        return self._block_llm(torch.cat(image_part)) + self.pe_blocks[0]
-
-    def _block_llm(self, embeds):
-        p = self.parallel_num
-        pos = self.cache.lens[:, None] + torch.arange(p, device=self.device)
-        hidden = self.model.llm.model(embeds.to(self.dtype), pos, self.cache, "block")
+        """Causal pass per prompt (its rows at the prompt's exact length, as the reference
+        does), then one batched block call for every sequence's image-start block."""
+        p, rows = self.parallel_num, self._row_ids()
+        groups = []
+        for i, ids in enumerate(rows):
+            if groups and rows[groups[-1][0]] == ids:
+                groups[-1][1] = i + 1
+            else:
+                groups.append([i, i + 1])
+        for a, b in groups:
+            ids = torch.tensor([rows[a]] * (b - a), device=self.device)
+            prompt_pass(self.model, ids[:, :-p], self.cache.rows(a, b))
+        self.cache.advance([len(ids) - p for ids in rows])
+        block_ids = torch.tensor([ids[-p:] for ids in rows], device=self.device)
+        cond = image_start(self.model, block_ids, self.cache, self.pe_blocks[0])
         self.cache.advance(p)
-        return hidden
+        return cond
 
     def block_step(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
-        if self.cuda_graphs:
-            return self._block_step_graph(tokens, block)
-        return self._block_step_eager(tokens, block)
+        if self.graphs:
+            return self._block_graph()(self._pad(tokens), block)
+        return self._block_step(tokens, self.pe_blocks[block], self.pe_blocks[block + 1])
 
-    def _block_step_eager(self, tokens, block):
-        copies = len(self.plan.seq_ids)
-        tokens = torch.cat([tokens] * copies, dim=0)
-        embeds = self.model.projector(tokens.to(self.dtype)) + self.pe_blocks[block]
-        return self._block_llm(embeds) + self.pe_blocks[block + 1]
+    def _block_step(self, tokens, pe, pe_next):
+        rows = torch.cat([tokens] * (self.cache.k.shape[1] // tokens.shape[0]))
+        cond = block_step(self.model, rows, pe, pe_next, self.cache)
+        self.cache.advance(self.parallel_num)
+        return cond
 
     # -- head ------------------------------------------------------------------------------
 
     def sample_head(self, cond: torch.Tensor, noise: list) -> torch.Tensor:
-        if self.cuda_graphs:
-            return self._head_graph(cond.shape[0])(cond, noise)
-        return self._sample(cond, noise)
+        if self.graphs:
+            graph = self._head_graph()
+            return graph(cond, [self._pad(n) for n in noise], self.plan.guidance)[:self.plan.images]
+        return self._sample(cond, noise, self.plan.guidance)
 
-    def _sample(self, cond, noise):
-        return sample_block_premodulated(self.head_net, cond, noise, self.plan.guidance,
-                                         self.ts, self.dts, self.dtype, self.denoise)
+    def _sample(self, cond, noise, guidance):
+        net, dtype = self.head_net, self.dtype
+        denoise = self.denoise or net.denoise
+        ada, final = head_modulations(net, cond, self.times, dtype)  # leading dim: step
+        return run_sampler(
+            lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k])),
+            noise[0], noise[1:], self.times, self.coeffs, guidance, cond.shape[0])
 
     def decode(self, tokens, noise):
-        return decode_tokens(self.model, tokens, self.plan.h, self.plan.w, noise)
+        return decode_tokens(self.model, tokens, self.plan.h, self.plan.w, noise,
+                             per_image=True)
 
     # -- CUDA graphs -----------------------------------------------------------------------
 
-    def _head_graph(self, rows: int):
-        key = (rows, self.plan.steps, self.plan.guidance)
+    def _head_graph(self) -> "HeadLoopGraph":
+        key = (self.images, self.plan.cfg, self.plan.steps)
         if key not in self._head_graphs:
-            self._head_graphs[key] = HeadLoopGraph(self, rows)
+            self._head_graphs[key] = HeadLoopGraph(self)
         return self._head_graphs[key]
 
-    def _block_step_graph(self, tokens, block):
-        if self._block_graph is None:
-            self._block_graph = BlockStepGraph(self)
-        return self._block_graph(tokens, block)
-
-
-def _capture(fn):
-    """Warm ``fn`` up on a side stream, then capture it; returns (graph, static output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+    def _block_graph(self) -> "BlockStepGraph":
+        key = (self.images, self.plan.cfg, self.plan.h, self.plan.w)
+        if key not in self._block_graphs:
+            self._block_graphs[key] = BlockStepGraph(self)
+        return self._block_graphs[key]
 
 
 class HeadLoopGraph:
     """The whole sampling loop of one block (N + 1 head evaluations and their updates) as one
-    CUDA graph; inputs are copied into static buffers before each replay."""
+    graph. It reads only tensors it owns: the condition, the noise, the guidance scale and the
+    schedule are copied into its static buffers before each replay."""
 
-    def __init__(self, be: TorchBackend, rows: int):
+    def __init__(self, be: TorchBackend):
         plan, p, dev = be.plan, be.parallel_num, be.device
+        rows = be.images * (2 if plan.cfg else 1)
         self.cond = torch.zeros((rows, p, be.spec.llm.hidden_size), device=dev)
-        self.schedule = (be.ts, be.dts)  # the graph reads these tensors: keep them alive
-        self.noise = torch.zeros((plan.steps + 1, plan.images, p, be.ch_target), device=dev)
+        self.noise = torch.zeros((plan.steps + 1, be.images, p, be.ch_target), device=dev)
+        self.guidance = torch.ones((), device=dev)
+        self.times, self.coeffs = be.times, be.coeffs  # read by the graph: owned here
+        self.graph = capture(
+            lambda: be._sample(self.cond, list(self.noise.unbind(0)), self.guidance),
+            emulate=be.emulate)
 
-        def run():
-            return be._sample(self.cond, list(self.noise.unbind(0)))
-
-        self.graph, self.out = _capture(run)
-
-    def __call__(self, cond, noise):
+    def __call__(self, cond, noise, guidance: float):
         self.cond.copy_(cond)
         self.noise.copy_(torch.stack(noise))
+        self.guidance.fill_(guidance)
         self.graph.replay()
-        return self.out.clone()
+        return self.graph.out.clone()
 
 
 class BlockStepGraph:
-    """One block step for all sequences as a CUDA graph: static token buffer in, head
-    condition out; the cache lengths live on the device and advance inside the graph, and the
-    block index is a device scalar set before each replay, so one capture serves every block."""
+    """One block step for all sequences as a graph: a static token buffer in, the head
+    condition out. The cache lengths live on the device and advance inside the graph, and the
+    block index is a device scalar set before each replay, so one capture serves every block
+    and every plan of the captured batch. Everything it reads is owned here or by the backend
+    (the cache, the position embeddings)."""
 
     def __init__(self, be: TorchBackend):
         self.be = be
-        cache = be.cache
-        self.rows = cache.k.shape[1]
         p, dev = be.parallel_num, be.device
-        self.tokens = torch.zeros((be.plan.images, p, be.ch_target), device=dev)
-        self.pe_blocks = be.pe_blocks  # read by the graph: keep alive
+        self.cache = be.cache
+        self.pe_blocks = be.pe_blocks
+        self.tokens = torch.zeros((be.images, p, be.ch_target), device=dev)
         self.block = torch.zeros((), dtype=torch.long, device=dev)
-        arange = torch.arange(p, device=dev)
-        copies = len(be.plan.seq_ids)
-        m = be.model
 
         def run():
-            toks = torch.cat([self.tokens] * copies, dim=0)
-            pe = be.pe_blocks.index_select(0, self.block.view(1))[0]
-            pe_next = be.pe_blocks.index_select(0, (self.block + 1).view(1))[0]
-            embeds = m.projector(toks.to(be.dtype)) + pe
-            pos = cache.lens[:, None] + arange
-            hidden = m.llm.model(embeds.to(be.dtype), pos, cache, "block")
-            cache.lens.add_(p)
-            return hidden + pe_next
+            pe = self.pe_blocks.index_select(0, self.block.view(1))[0]
+            pe_next = self.pe_blocks.index_select(0, (self.block + 1).view(1))[0]
+            rows = torch.cat([self.tokens] * (self.cache.k.shape[1] // self.tokens.shape[0]))
+            cond = block_step(be.model, rows, pe, pe_next, self.cache)
+            self.cache.lens.add_(p)
+            return cond
 
-        saved_lens, saved_host = cache.lens.clone(), list(cache.lens_host)
-        self.graph, self.out = _capture(run)
-        cache.lens.copy_(saved_lens)  # undo the warm-up's advance
-        cache.lens_host = saved_host
+        saved_lens, saved_host = self.cache.lens.clone(), list(self.cache.lens_host)
+        self.graph = capture(run, emulate=be.emulate)
+        self.cache.lens.copy_(saved_lens)  # undo the warm-up's (and a stand-in's) advances
+        self.cache.lens_host = saved_host
 
     def __call__(self, tokens, block):
-        cache = self.be.cache
-        if max(cache.lens_host) + self.be.parallel_num > cache.max_len:
-            raise ResourceError("KV cache overflow in the block step graph")
+        cache, p = self.cache, self.be.parallel_num
+        if max(cache.lens_host) + p > cache.max_len:
+            raise RuntimeError("KV cache overflow in the block step graph")
         self.tokens.copy_(tokens)
         self.block.fill_(block)
         self.graph.replay()
-        cache.lens_host = [n + self.be.parallel_num for n in cache.lens_host]
-        return self.out.clone()
+        cache.lens_host = [n + p for n in cache.lens_host]
+        return self.graph.out.clone()

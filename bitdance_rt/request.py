@@ -1,0 +1,170 @@
+"""What a caller asks for (:class:`GenerationRequest`) and what the AR loop runs
+(:class:`ImagePlan`): the token sequences of every row, the latent size, the sampler settings.
+
+Requests are validated here, before any weights are read, with one-line errors that name the
+setting and the fix. Several requests with the same size, steps and guidance can share one plan
+(one AR run): each keeps its own prompt and its own random numbers (see
+:class:`~bitdance_rt.sampling.NoiseSource`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .errors import BitDanceError, RequestError
+from .spec import RELEASED_SIZES, Defaults, ModelSpec, check_size
+
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+
+
+def conditional_text(prompt: str) -> str:
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+UNCONDITIONAL_TEXT = "<|im_start|>assistant\n"
+
+
+def sequence_ids(tokenizer, text: str, h: int, w: int, parallel_num: int) -> tuple[int, ...]:
+    """Text tokens, ``<|vision_start|>``, ``<|res_h|>``, ``<|res_w|>``, P-1 query tokens."""
+    image = ["<|vision_start|>", f"<|res_{h}|>", f"<|res_{w}|>"]
+    image += [f"<|query_{i}|>" for i in range(1, parallel_num)]
+    return tuple(tokenizer.encode(text)) + tuple(tokenizer.token_id(t) for t in image)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, ``num_images`` images. ``None`` settings take the model's defaults
+    (:meth:`resolved`); the released models' are 1024x1024, 50 steps, guidance 7.5."""
+
+    prompt: str
+    height: int | None = None
+    width: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 42
+    num_images: int = 1
+
+    def resolved(self, spec: ModelSpec | None = None) -> "GenerationRequest":
+        """This request with every unset setting taken from the model's defaults."""
+        d = spec.info.defaults if spec is not None else Defaults()
+        return replace(self, height=d.height if self.height is None else self.height,
+                       width=d.width if self.width is None else self.width,
+                       steps=d.steps if self.steps is None else self.steps,
+                       guidance=d.guidance if self.guidance is None else self.guidance)
+
+    def validate(self, spec: ModelSpec | None = None) -> tuple[int, int]:
+        """Check every setting (``spec``: the model's sizes and defaults, else the released
+        models'); returns the latent (h, w). Raises :class:`RequestError` (one line)."""
+        r = self.resolved(spec)
+        if not isinstance(r.prompt, str) or not r.prompt.strip():
+            raise RequestError("the prompt is empty; describe the image to draw")
+        if not (isinstance(r.num_images, int) and 1 <= r.num_images <= 64):
+            raise RequestError(f"the number of images must be between 1 and 64, got "
+                               f"{r.num_images!r}")
+        if not (isinstance(r.steps, int) and 1 <= r.steps <= MAX_STEPS):
+            raise RequestError(f"steps must be between 1 and {MAX_STEPS} (50 is the authors' "
+                               f"setting, 25 the fast one), got {r.steps!r}")
+        g = r.guidance
+        if not isinstance(g, (int, float)) or not math.isfinite(g) or not 1.0 <= g <= MAX_GUIDANCE:
+            raise RequestError(f"guidance must be a number from 1.0 (no guidance) to "
+                               f"{MAX_GUIDANCE:g}, got {g!r}")
+        if not (isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED):
+            raise RequestError(f"the seed must be an integer from 0 to {MAX_SEED}, got {r.seed!r}")
+        if not (isinstance(r.height, int) and isinstance(r.width, int)):
+            raise RequestError(f"height and width must be integers, got {r.height!r}x{r.width!r}")
+        sizes = spec.info.sizes if spec is not None else RELEASED_SIZES
+        return check_size(r.height, r.width, sizes)
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance is not None and self.guidance > 1.0
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """One AR run: B images of one size, each with its own conditional sequence, and with
+    guidance one unconditional sequence shared by all (rows: B conditional, then B
+    unconditional)."""
+
+    h: int                          # latent rows
+    w: int                          # latent columns
+    cond_ids: tuple                 # one token id tuple per image (B)
+    uncond_ids: tuple | None        # the unconditional sequence when guidance is on
+    steps: int                      # head sampling steps N
+    guidance: float
+
+    @property
+    def images(self) -> int:
+        return len(self.cond_ids)
+
+    @property
+    def cfg(self) -> bool:
+        return self.uncond_ids is not None
+
+    @property
+    def rows(self) -> int:
+        """Sequences in the LLM batch (S = 2B with guidance, else B)."""
+        return self.images * (2 if self.cfg else 1)
+
+    def row_ids(self) -> list[tuple]:
+        """The token ids of every row: conditional rows, then unconditional ones."""
+        return list(self.cond_ids) + ([self.uncond_ids] * self.images if self.cfg else [])
+
+    def groups(self) -> list[tuple[int, int, tuple]]:
+        """Runs of consecutive rows with the same sequence: ``(start, end, ids)``."""
+        out = []
+        for i, ids in enumerate(self.row_ids()):
+            if out and out[-1][2] == ids:
+                out[-1] = (out[-1][0], i + 1, ids)
+            else:
+                out.append((i, i + 1, ids))
+        return out
+
+    def max_len(self, parallel_num: int) -> int:
+        """KV slots per sequence: the longest prompt plus every image block but the last."""
+        return max(len(s) for s in self.row_ids()) + self.h * self.w - parallel_num
+
+    @property
+    def tokens(self) -> int:
+        return self.h * self.w
+
+
+def plan_for(model, *requests: GenerationRequest) -> ImagePlan:
+    """The plan of one or more requests on a model with a tokenizer. Several requests share
+    one plan only if they have the same size, steps and guidance."""
+    spec, tok = model.spec, model.tokenizer
+    if tok is None:
+        raise BitDanceError("this model has no tokenizer; load it from a checkpoint directory")
+    reqs = [r.resolved(spec) for r in requests]
+    first = reqs[0]
+    h, w = first.validate(spec)
+    for r in reqs[1:]:
+        r.validate(spec)
+        if (r.height, r.width, r.steps, r.guidance) != (first.height, first.width, first.steps,
+                                                         first.guidance):
+            raise BitDanceError("requests in one batch must have the same size, steps and "
+                                "guidance")
+    p = spec.parallel_num
+    cond = []
+    for r in reqs:
+        ids = sequence_ids(tok, conditional_text(r.prompt), h, w, p)
+        cond += [ids] * r.num_images
+    uncond = sequence_ids(tok, UNCONDITIONAL_TEXT, h, w, p) if first.cfg else None
+    plan = ImagePlan(h=h, w=w, cond_ids=tuple(cond), uncond_ids=uncond, steps=first.steps,
+                     guidance=float(first.guidance))
+    check_context(plan, spec)
+    return plan
+
+
+def check_context(plan: ImagePlan, spec: ModelSpec) -> None:
+    """Refuse a prompt that, with the image, does not fit the model's positions."""
+    need = plan.max_len(spec.parallel_num) + spec.parallel_num
+    limit = spec.llm.max_position_embeddings
+    if need > limit:
+        longest = max(len(s) for s in plan.cond_ids)
+        raise RequestError(
+            f"the prompt is {longest} tokens long and the image needs {plan.tokens}: "
+            f"{need} positions in all, more than this model's {limit}; shorten the prompt")

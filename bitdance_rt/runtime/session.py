@@ -1,0 +1,165 @@
+"""The runtime as a library: a loaded model with its backend, ready to generate.
+
+The CLI, the benchmarks and the server all hold a :class:`Session`; none of them resolves
+devices, chooses backends or loads checkpoints itself::
+
+    session = Session.open("models/BitDance-14B-64x", backend="torch", device="cuda")
+    images = session.generate(GenerationRequest("a lighthouse at dusk", seed=7))
+
+Everything a user can get wrong is checked in :meth:`Session.open` and
+:meth:`Session.plan` before any weights are read or any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..checkpoint import BitDanceModel, load_checkpoint
+from ..errors import BitDanceError
+from ..request import GenerationRequest, ImagePlan, plan_for
+from .backend import Backend
+from .loop import StepCallback, generate
+from .timing import StageTimer
+
+BACKENDS = ("torch", "reference", "onnxruntime")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bitdance-rt"
+
+
+def builtin_checkpoint(say=None) -> Path:
+    """The model used when no checkpoint is given: a tiny random-weight model in the released
+    layout, made on first use under the user's cache directory (its images are noise)."""
+    from ..tiny import make_tiny
+
+    path = cache_dir() / "tiny-4x-seed0"
+    if not (path / "tokenizer.json").is_file():
+        if say:
+            say(f"making the built-in tiny model in {path} (first use)")
+        make_tiny(path, parallel_num=4, seed=0)
+    if say:
+        say(f"no --checkpoint given: using the built-in tiny RANDOM-WEIGHT model at {path}; "
+            "its images are noise patterns, not pictures")
+    return path
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device)
+    if name != "cpu" and name != "cuda" and not (name.startswith("cuda:")
+                                                 and name[5:].isdigit()):
+        raise BitDanceError(f"--device must be cpu, cuda or cuda:N (lower case); got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BitDanceError(f"--device {name} was asked for but no CUDA device is visible; "
+                                "use --device cpu")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise BitDanceError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                                "device(s) are visible")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``None``: bfloat16 on CUDA, float32 on the CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtypes.parse(dtype)
+
+
+def check_backend(name: str, engine_dir) -> None:
+    if name not in BACKENDS:
+        raise BitDanceError(f"unknown --backend {name!r}; choose one of {list(BACKENDS)}")
+    if name == "onnxruntime" and engine_dir is None:
+        raise BitDanceError("--backend onnxruntime needs --engine-dir, a directory written by "
+                            "`bitdance-export`")
+    if name != "onnxruntime" and engine_dir is not None:
+        raise BitDanceError(f"--engine-dir is for --backend onnxruntime, not {name}")
+
+
+def make_backend(name: str, model: BitDanceModel, engine_dir=None, cuda_graphs: bool = True,
+                 compile: bool = False) -> Backend:
+    """The backend ``name`` over ``model`` (whose weights it needs, except onnxruntime's)."""
+    check_backend(name, engine_dir)
+    if name == "reference":
+        from .backends.reference import ReferenceBackend
+
+        return ReferenceBackend(model)
+    if name == "torch":
+        from .backends.torch_backend import TorchBackend
+
+        return TorchBackend(model, cuda_graphs=cuda_graphs, compile=compile)
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(model, engine_dir)
+
+
+@dataclass
+class Session:
+    """A model and one backend over it."""
+
+    model: BitDanceModel
+    backend: Backend
+    checkpoint: Path | None = None
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, checkpoint, backend: str = "torch", device: str | None = None,
+             dtype: str | None = None, engine_dir=None, cuda_graphs: bool = True,
+             compile: bool = False, warn=None) -> "Session":
+        """Check every setting, then load the checkpoint (the onnxruntime backend reads only
+        its configs and tokenizer: its graphs hold the weights) and build the backend.
+        ``warn(message)`` hears of settings that work but are slow."""
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        check_backend(backend, engine_dir)
+        if warn and dev.type == "cpu" and torch_dtype != torch.float32 and backend != "onnxruntime":
+            warn(f"--dtype {dtypes.LONG[torch_dtype]} on the CPU is about 10x slower than "
+                 "float32 (the CPU has no fast kernels for it here); drop --dtype on the CPU")
+        model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev,
+                                weights=backend != "onnxruntime")
+        be = make_backend(backend, model, engine_dir, cuda_graphs, compile)
+        return cls(model, be, Path(checkpoint), {
+            "backend": backend, "device": str(dev), "dtype": dtypes.LONG[torch_dtype]})
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    def plan(self, *requests: GenerationRequest) -> ImagePlan:
+        """The AR plan of one request, or of several that share a size, steps and guidance;
+        every setting is checked here (sizes, prompt length, numbers)."""
+        return plan_for(self.model, *requests)
+
+    @torch.no_grad()
+    def generate(self, *requests: GenerationRequest, on_step: StepCallback | None = None,
+                 timer: StageTimer | None = None) -> list[torch.Tensor]:
+        """One AR run for all ``requests`` (batched); returns, per request, its uint8 images
+        ``[n, H, W, 3]``. Each request draws from its own seed: its images are those it
+        gives alone."""
+        reqs = [r.resolved(self.spec) for r in requests]
+        plan = self.plan(*reqs)
+        images = generate(self.backend, plan, [(r.seed, r.num_images) for r in reqs], timer,
+                          on_step)
+        out, start = [], 0
+        for r in reqs:
+            out.append(images[start:start + r.num_images])
+            start += r.num_images
+        return out
+
+    def metadata(self, request: GenerationRequest) -> dict:
+        """What a PNG records of how it was made (text chunks)."""
+        r = request.resolved(self.spec)
+        return {"prompt": r.prompt, "seed": r.seed, "height": r.height, "width": r.width,
+                "steps": r.steps, "guidance": r.guidance,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else "",
+                "model": self.spec.name, **self.settings, "software": "bitdance-rt"}

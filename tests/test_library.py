@@ -1,0 +1,168 @@
+"""The runtime as a library: per-request random numbers, batched requests, buffers reused, and
+the captured-graph stand-in catching a tensor whose owner let it go."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitdance_rt.checkpoint import load_checkpoint
+from bitdance_rt.request import GenerationRequest
+from bitdance_rt.runtime import generate, plan_for
+from bitdance_rt.runtime.backends.reference import ReferenceBackend
+from bitdance_rt.runtime.backends.torch_backend import TorchBackend
+from bitdance_rt.runtime.graphs import CaptureError, RecordedGraph
+from bitdance_rt.runtime.session import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+
+A = GenerationRequest("a small red boat on a calm lake at dawn", 256, 1024, steps=2,
+                      guidance=3.0, seed=11)
+B = GenerationRequest("fox", 256, 1024, steps=2, guidance=3.0, seed=12345, num_images=2)
+
+
+def _alone_in_subprocess(ckpt, req, out):
+    """Generate ``req`` in a fresh process (nothing else ever ran there) and save the array."""
+    code = (
+        "import sys, numpy as np; from bitdance_rt.request import GenerationRequest; "
+        "from bitdance_rt.runtime.session import Session; "
+        f"r = GenerationRequest(**{req.__dict__!r}); "
+        f"s = Session.open({str(ckpt)!r}, device='cpu'); "
+        f"np.save({str(out)!r}, s.generate(r)[0].numpy())")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+    return np.load(out)
+
+
+def test_requests_in_one_process_equal_separate_processes(tiny16_ckpt, tmp_path):
+    """Two generations in one process (different prompts, prompt lengths, seeds and image
+    counts), in either order, give the PNG data two separate processes give."""
+    alone = {r.seed: _alone_in_subprocess(tiny16_ckpt, r, tmp_path / f"{r.seed}.npy")
+             for r in (A, B)}
+    session = Session.open(tiny16_ckpt, device="cpu")
+    for order in ((A, B), (B, A)):
+        for r in order:
+            assert np.array_equal(session.generate(r)[0].numpy(), alone[r.seed]), r.seed
+    # the global generator is never touched
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    session.generate(A)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_batched_requests_equal_requests_alone(tiny16_ckpt, backend):
+    """Two requests in one AR run (their own prompts, lengths and seeds in one batch) give the
+    images each gives alone, bit for bit."""
+    session = Session.open(tiny16_ckpt, device="cpu", backend=backend)
+    alone = [session.generate(r)[0] for r in (A, B)]
+    together = session.generate(A, B)
+    assert [t.shape[0] for t in together] == [1, 2]
+    for a, t in zip(alone, together):
+        assert torch.equal(a, t)
+
+
+def test_buffers_are_reused_when_large_enough(tiny16_ckpt):
+    """After a large plan, a plan with fewer images and another prompt length reuses the KV
+    cache and (graph code paths, CPU stand-in) every captured graph, and still gives the image
+    it gives on a fresh backend."""
+    model = load_checkpoint(tiny16_ckpt)
+    be = TorchBackend(model, emulate_graphs=True)
+    generate(be, plan_for(model, B), B.seed)
+    storage = be.storage
+    graphs = (dict(be._head_graphs), dict(be._block_graphs))
+    small = generate(be, plan_for(model, A), A.seed)
+    assert be.storage is storage
+    assert (be._head_graphs, be._block_graphs) == graphs
+    fresh = generate(TorchBackend(model, cuda_graphs=False), plan_for(model, A), A.seed)
+    assert torch.equal(small, fresh)
+    eager = TorchBackend(model, cuda_graphs=False)
+    generate(eager, plan_for(model, B), B.seed)
+    k = eager.storage.k
+    generate(eager, plan_for(model, A), A.seed)
+    assert eager.storage.k is k
+
+
+def test_recorded_graph_refuses_a_tensor_its_owner_let_go():
+    """The stand-in drops the body and its closure as a capture does: a body that reads a
+    tensor only its closure held (the old BlockStepGraph's ``arange``) fails on replay, one that
+    keeps it on its owner replays."""
+    lens = torch.tensor([3, 5])
+
+    def make(keep):
+        arange = torch.arange(4)
+        owner = type("Owner", (), {})()
+        if keep:
+            owner.arange = arange
+        graph = RecordedGraph(lambda: lens[:, None] + arange)
+        return owner, graph
+
+    owner, graph = make(keep=True)
+    lens.add_(1)
+    graph.replay()
+    assert graph.out.tolist() == [[4, 5, 6, 7], [6, 7, 8, 9]]
+    _, graph = make(keep=False)
+    with pytest.raises(CaptureError, match="no longer referenced"):
+        graph.replay()
+
+
+def test_recorded_graph_refuses_host_copies_and_syncs():
+    x = torch.ones(3)
+    with pytest.raises(CaptureError, match="refuses"):
+        RecordedGraph(lambda: x + torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(CaptureError, match="refuses"):
+        RecordedGraph(lambda: x * float(x.sum()))
+
+
+def test_lm_head_is_checked_but_not_loaded(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from bitdance_rt.errors import CheckpointError
+
+    model = load_checkpoint(tiny_ckpt)
+    assert model.llm.lm_head is None
+    assert not any("lm_head" in k for k in model.llm.state_dict())
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    for f in Path(tiny_ckpt).iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        load_checkpoint(bad)
+
+
+def test_cpu_products_do_not_depend_on_the_batch():
+    """A row of a linear layer is the same alone, with one other row, or with many (the
+    module-level MKL setting of bitdance_rt; the shapes of the tiny, mid and 14b LLM/head)."""
+    import bitdance_rt  # noqa: F401  (sets MKL_CBWR before the first product)
+
+    gen = torch.Generator().manual_seed(0)
+    for k, n in ((128, 768), (256, 128), (512, 4096), (4096, 512), (5120, 128)):
+        w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+        x = torch.randn(300, k, generator=gen)
+        full = torch.nn.functional.linear(x, w, b)
+        for m in (1, 2, 3, 5, 8, 16, 33, 64):
+            assert torch.equal(torch.nn.functional.linear(x[:m], w, b), full[:m]), (k, n, m)
+
+
+def test_reference_is_a_backend_with_the_authors_extra_llm_call(tiny_ckpt):
+    from bitdance_rt.runtime import StageTimer
+
+    model = load_checkpoint(tiny_ckpt)
+    plan = plan_for(model, GenerationRequest("x", 256, 896, steps=1, guidance=2.0, seed=1))
+    timer = StageTimer("cpu")
+    generate(ReferenceBackend(model), plan, 1, timer)
+    blocks = 16 * 56 // 4
+    assert timer.stats["block_step"].calls == 2 * blocks  # one call per prompt, after every block
+
+
+def test_session_metadata_and_defaults(tiny_ckpt):
+    session = Session.open(tiny_ckpt, device="cpu")
+    meta = session.metadata(GenerationRequest("a cat"))
+    assert (meta["height"], meta["width"], meta["steps"], meta["guidance"]) == (1024, 1024, 50, 7.5)
+    assert json.dumps(meta)
