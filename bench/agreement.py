@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bitdance_rt  # noqa: E402,F401  (before torch: sets the CPU thread and MKL policies)
 import torch  # noqa: E402
 
 from bitdance_rt import dtypes  # noqa: E402

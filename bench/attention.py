@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bitdance_rt  # noqa: E402,F401  (before torch: sets the CPU thread and MKL policies)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

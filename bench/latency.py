@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bitdance_rt  # noqa: E402,F401  (before torch: sets the CPU thread and MKL policies)
 import torch  # noqa: E402
 
 from bitdance_rt import dtypes  # noqa: E402
@@ -51,7 +52,8 @@ def synthetic_plan(spec, h, w, images, steps, guidance) -> ImagePlan:
 
 
 def make_runner(name, model, args):
-    be = make_backend(name, model, args.engine_dir, args.cuda_graphs, args.compile)
+    engine_dir = args.engine_dir if name == "onnxruntime" else None
+    be = make_backend(name, model, engine_dir, args.cuda_graphs, args.compile)
     run = lambda plan, timer: generate(be, plan, args.seed, timer)  # noqa: E731
     run.backend = be
     return run

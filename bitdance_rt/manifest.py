@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import EngineError
 
 MANIFEST = "manifest.json"
-FORMAT = 2  # 2: prefill without a positions input
+FORMAT = 2  # 2: prefill without positions, head_step with the 6 step coefficients
 GRAPHS = ("prefill", "block_step", "head_prepare", "head_step", "decoder")
 
 

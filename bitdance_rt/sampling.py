@@ -2,7 +2,7 @@
 random numbers it draws.
 
 Every backend and every exported graph computes a step with these functions: the schedule
-(:func:`time_grid`, :func:`step_schedule`), the velocity and guidance (:func:`velocity`,
+(:func:`time_grid`, :func:`step_schedule`), the velocity and guidance (:func:`head_step`,
 :func:`guide`), the update (:func:`sampler_update`, both step kinds) and the x-independent part
 of the head (:func:`head_modulations`). Arithmetic is written in the reference's order of
 operations (float32 throughout), so a CPU float32 run reproduces the reference bit for bit.
@@ -37,69 +37,79 @@ def time_grid(num_steps: int, time_shift: float = 1.0) -> tuple[list[torch.Tenso
     return ts, dts
 
 
+# Columns of a step's coefficients (see step_schedule)
+T, DENOM, VAR, DRIFT_W, DT, NOISE = range(6)
+
+
 def step_schedule(num_steps: int, time_shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Every head evaluation of a block, as data: times ``[N + 1]`` (the N sampler times, then
-    0.95) and coefficients ``[N + 1, 3]`` = ``(dt, score_weight, noise_scale)``: an
-    Euler-Maruyama step is ``(dt_k, 1, sqrt(2 (1 - t_k) dt_k))``, the final Euler step
-    ``(0.05, 0, 0)``. Float32, on the CPU."""
+    0.95) and coefficients ``[N + 1, 6]``, per step ``(t, max(1 - t, 0.05), var, w (1 - t),
+    dt, noise_scale)`` with ``var = (1 - t)^2 + t (1 - t)``. An Euler-Maruyama step has
+    ``w = 1`` and ``noise_scale = sqrt(2 (1 - t) dt)``; the final Euler step ``t = 0.95``,
+    ``dt = 0.05``, ``w = noise_scale = 0``. Each value is computed once, with the reference's
+    expressions on the same float32 scalars, so a step computed from them equals the
+    reference's step bit for bit. Float32, on the CPU."""
     ts, dts = time_grid(num_steps, time_shift)
-    coeffs = [torch.stack([dt, torch.tensor(1.0), (2.0 * (1.0 - t) * dt) ** 0.5])
-              for t, dt in zip(ts, dts)]
-    coeffs.append(torch.tensor([LAST_STEP, 0.0, 0.0]))
-    times = torch.stack(ts + [torch.tensor(T_FINAL, dtype=torch.float32)])
-    return times, torch.stack(coeffs).float()
+    rows = [step_coeffs(t, dt) for t, dt in zip(ts, dts)]
+    rows.append(step_coeffs(torch.tensor(T_FINAL), torch.tensor(LAST_STEP), final=True))
+    coeffs = torch.stack(rows).float()
+    return coeffs[:, T].clone(), coeffs
 
 
-def velocity(out: torch.Tensor, x_in: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
-    """``(f - x_t) / max(1 - t, 0.05)``, t per row ``[R]``."""
-    return (out - x_in) / (1 - t_rows.reshape(-1, 1, 1)).clamp_min(LAST_STEP)
+def step_coeffs(t: torch.Tensor, dt: torch.Tensor, final: bool = False) -> torch.Tensor:
+    """``[6]``: one step's coefficients (see :func:`step_schedule`), in t's dtype."""
+    var = (1 - t) ** 2 - (t / 1 * -1) * (1 - t)
+    w = 0.0 if final else 1.0
+    scale = torch.zeros_like(t) if final else (2.0 * (1.0 - t) * dt) ** 0.5
+    return torch.stack([t, (1 - t).clamp_min(LAST_STEP), var, w * (1 - t), dt, scale])
 
 
-def guide(v: torch.Tensor, guidance, batch: int) -> torch.Tensor:
+def guide(v: torch.Tensor, guidance, batch) -> torch.Tensor:
     """``v_u + g (v_c - v_u)`` over rows ``[cond (B); uncond (B)]``; with B rows only (no
-    guidance) it is v itself (``v + g * 0``). ``guidance`` a float or a ``[1]`` tensor."""
+    guidance) it is v itself (as ``v + g * 0`` in a traced graph, whose rows are symbolic).
+    ``guidance`` a float or a ``[1]`` tensor."""
     rows = v.shape[0]
-    first = torch.arange(batch, device=v.device)
-    v_c = v.index_select(0, first)
-    v_u = v.index_select(0, first + (rows - batch))
+    if isinstance(rows, int) and isinstance(batch, int) and rows == batch:
+        return v
+    v_c, v_u = v.narrow(0, 0, batch), v.narrow(0, rows - batch, batch)
     return v_u + guidance * (v_c - v_u)
 
 
-def sampler_update(x, v, t, dt, score_weight, noise_scale, noise):
-    """One sampler step given the guided velocity (the reference's order of operations):
-    ``x + (v + w (1 - t) score) dt + noise_scale * noise``. Euler-Maruyama: ``w = 1``,
-    ``noise_scale = sqrt(2 (1 - t) dt)``; the final Euler step: ``w = noise_scale = 0``, which
-    is exactly ``x + dt v``."""
-    var = (1 - t) ** 2 - (t / 1 * -1) * (1 - t)
-    score = (t / 1 * v - x) / var
-    drift = v + score_weight * ((1 - t) * score)
-    return x + drift * dt + noise_scale * noise
+def sampler_update(x, v, coeffs, noise):
+    """One sampler step given the guided velocity, with a step's ``coeffs`` (see
+    :func:`step_schedule`), in the reference's order of operations::
+
+        score = (t v - x) / var;  drift = v + w (1 - t) score
+        x_next = x + drift dt + noise_scale noise
+
+    (Euler-Maruyama: drift ``v + (1 - t) score``; the final Euler step: exactly ``x + dt v``.)"""
+    score = (coeffs[T] * v - x) / coeffs[VAR]
+    drift = v + coeffs[DRIFT_W] * score
+    return x + drift * coeffs[DT] + coeffs[NOISE] * noise
 
 
 def em_update(x, v, t, dt, noise):
-    """One Euler-Maruyama update (``sampler_update`` with ``w = 1``)."""
-    return sampler_update(x, v, t, dt, 1.0, (2.0 * (1.0 - t) * dt) ** 0.5, noise)
+    """One Euler-Maruyama update at time t (0-d tensor) with step dt."""
+    return sampler_update(x, v, step_coeffs(t, dt), noise)
 
 
-def head_step(denoise, x, t, coeffs, noise, guidance, rows: int):
+def head_step(denoise, x, coeffs, noise, guidance, rows):
     """One head evaluation and its update: ``denoise(x_in)`` is the head's x_0 prediction for
-    the rows ``[x; x]`` (with guidance) or ``x``; t ``[]`` or ``[1]``; coeffs ``[3]``."""
-    batch = x.shape[0]
+    the rows ``[x; x]`` (with guidance) or ``x``; ``coeffs`` ``[6]`` (see
+    :func:`step_schedule`)."""
     x_in = tile_rows(x, rows)
-    v = velocity(denoise(x_in).float(), x_in, t.expand(rows))
-    t = t.reshape(())
-    return sampler_update(x, guide(v, guidance, batch), t, coeffs[0], coeffs[1], coeffs[2],
-                          noise)
+    v = (denoise(x_in).float() - x_in) / coeffs[DENOM]
+    return sampler_update(x, guide(v, guidance, x.shape[0]), coeffs, noise)
 
 
-def run_sampler(denoise_at, x0, noise, times, coeffs, guidance, rows: int) -> torch.Tensor:
+def run_sampler(denoise_at, x0, noise, coeffs, guidance, rows: int) -> torch.Tensor:
     """The sampling loop of one block: ``denoise_at(k, x_in)`` evaluates the head at step k;
     ``noise`` the N tensors of the Euler-Maruyama steps (the final step draws none)."""
     x = x0
-    for k in range(times.shape[0]):
+    for k in range(coeffs.shape[0]):
         step_noise = noise[k] if k < len(noise) else x  # the final step scales it by 0
-        x = head_step(lambda x_in: denoise_at(k, x_in), x, times[k], coeffs[k], step_noise,
-                      guidance, rows)
+        x = head_step(lambda x_in: denoise_at(k, x_in), x, coeffs[k], step_noise, guidance,
+                      rows)
     return x
 
 
@@ -110,7 +120,7 @@ def sample_block(net, cond: torch.Tensor, noise: list[torch.Tensor], guidance: f
     Euler-Maruyama step; returns x ``[B, P, 32]`` (float32, before ``sign``)."""
     rows = cond.shape[0]
     return run_sampler(lambda k, x_in: net(x_in, times[k].expand(rows), cond), noise[0],
-                       noise[1:], times, coeffs, guidance, rows)
+                       noise[1:], coeffs, guidance, rows)
 
 
 def head_modulations(net, cond: torch.Tensor, times: torch.Tensor, dtype=None):
@@ -131,7 +141,7 @@ def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance, times, c
     denoise = denoise or net.denoise
     ada, final = head_modulations(net, cond, times, dtype)  # leading dim: step
     return run_sampler(lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k])),
-                       noise[0], noise[1:], times, coeffs, guidance, cond.shape[0])
+                       noise[0], noise[1:], coeffs, guidance, cond.shape[0])
 
 
 class NoiseSource:

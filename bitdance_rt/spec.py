@@ -155,15 +155,23 @@ def _preset_14b(parallel_num: int) -> ModelSpec:
     return ModelSpec(f"14b-{parallel_num}x", llm, head, AEConfig())
 
 
+def _small(name: str, parallel_num: int, hidden: int, mlp: int, layers: int, heads: int,
+           head_dim: int, depth_adanln: int) -> ModelSpec:
+    """A small model of the released architecture: the test tokenizer's vocabulary, 2 KV
+    heads, a 2-block head as wide as the LLM, a 16x binary autoencoder at 32 base channels."""
+    llm = Qwen3Config(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=mlp,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+                      head_dim=head_dim, max_position_embeddings=8192)
+    head = HeadConfig(ch_target=32, ch_cond=hidden, ch_latent=hidden, depth_latent=2,
+                      depth_adanln=depth_adanln, use_swiglu=True, parallel_num=parallel_num)
+    ae = AEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
+    return ModelSpec(f"{name}-{parallel_num}x", llm, head, ae)
+
+
 def preset_tiny(parallel_num: int) -> ModelSpec:
     """The test model of ``make-tiny`` (about 15 MB)."""
-    llm = Qwen3Config(vocab_size=TINY_VOCAB, hidden_size=128, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=32, max_position_embeddings=8192)
-    head = HeadConfig(ch_target=32, ch_cond=128, ch_latent=128, depth_latent=2,
-                      depth_adanln=2, use_swiglu=True, parallel_num=parallel_num)
-    ae = AEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
-    return ModelSpec(f"tiny-{parallel_num}x", llm, head, ae)
+    return _small("tiny", parallel_num, hidden=128, mlp=256, layers=2, heads=4, head_dim=32,
+                  depth_adanln=2)
 
 
 def preset_mid(parallel_num: int) -> ModelSpec:
@@ -172,13 +180,8 @@ def preset_mid(parallel_num: int) -> ModelSpec:
     The MLP is 8x the width so that, as in the 14B model, attention over a full-size cache is a
     small part of a block step (512x512 image: 15% of the LLM FLOPs at the last block; 14B at
     1024x1024: 13%); a narrower MLP would make a CPU benchmark mostly measure attention."""
-    llm = Qwen3Config(vocab_size=TINY_VOCAB, hidden_size=512, intermediate_size=4096,
-                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                      head_dim=64, max_position_embeddings=8192)
-    head = HeadConfig(ch_target=32, ch_cond=512, ch_latent=512, depth_latent=2,
-                      depth_adanln=1, use_swiglu=True, parallel_num=parallel_num)
-    ae = AEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
-    return ModelSpec(f"mid-{parallel_num}x", llm, head, ae)
+    return _small("mid", parallel_num, hidden=512, mlp=4096, layers=4, heads=8, head_dim=64,
+                  depth_adanln=1)
 
 
 PRESETS = {

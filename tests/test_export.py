@@ -134,8 +134,7 @@ def test_head_graphs_reproduce_the_sampler(tiny_model):
             x = noise[0]
             for k in range(6):
                 nz = noise[k + 1] if k < 5 else noise[0]  # final step: scale 0
-                x = step(x, times[k:k + 1], coeffs[k], nz, ada[k], final[k],
-                         torch.tensor([guidance]))
+                x = step(x, coeffs[k], nz, ada[k], final[k], torch.tensor([guidance]))
         assert torch.equal(x, ref)
 
 

@@ -5,10 +5,11 @@ embedding and the modulations of every step of the block come from one ``head_pr
 
 Inputs
   x          ``[B, P, 32]`` float32     current sample
-  t          ``[1]`` float32            time of this network evaluation
-  coeffs     ``[3]`` float32            ``(dt, score_weight, noise_scale)`` of this step
-  noise      ``[B, P, 32]`` float32     the step's standard normal draw (any values when
-                                        noise_scale is 0)
+  coeffs     ``[6]`` float32            this step's coefficients, ``(t, max(1 - t, 0.05), var,
+                                        w (1 - t), dt, noise_scale)``
+                                        (:func:`~bitdance_rt.sampling.step_schedule`)
+  noise      ``[B, P, 32]`` float32     the step's standard normal draw (any finite values
+                                        when noise_scale is 0)
   ada_mod    ``[A, S, P, 6 C]``         this step's slice of ``head_prepare``'s outputs (export
   final_mod  ``[S, P, 2 C]``            dtype); S = B (no guidance) or 2B (cond rows, then
                                         uncond rows)
@@ -16,18 +17,16 @@ Inputs
 Output
   x_next     ``[B, P, 32]`` float32
 
-The step, written in :mod:`bitdance_rt.sampling`'s order of operations::
+The step (:func:`~bitdance_rt.sampling.head_step`, in the reference's order of operations)::
 
     f      = denoise(x, (ada_mod, final_mod))            the head's x_0 prediction at time t
     v      = (f - x) / max(1 - t, 0.05)                  then v = v_u + g (v_c - v_u)
-    score  = (t v - x) / ((1 - t)^2 + t (1 - t))
-    x_next = x + (v + score_weight * ((1 - t) * score)) * dt + noise_scale * noise
+    score  = (t v - x) / var
+    x_next = x + (v + w (1 - t) score) dt + noise_scale noise
 
-Euler-Maruyama step k: ``t = t_k``, coefficients ``(dt_k, 1, sqrt(2 (1 - t_k) dt_k))``. Final
-Euler step: ``t = 0.95``, ``(0.05, 0, 0)``, which gives exactly ``x + 0.05 v``. In closed form
-the EM step is ``x_next = (1 - dt) x + (1 + t) dt v + sqrt(2 (1 - t) dt) noise`` (the variance
-simplifies to 1 - t), but keeping the reference's operations keeps the result within rounding of
-the PyTorch backend. With S = B the guidance formula reduces to v exactly (v_u = v_c).
+An Euler-Maruyama step has ``w = 1``; the final Euler step (``t = 0.95``, ``dt = 0.05``,
+``w = noise_scale = 0``) gives exactly ``x + 0.05 v``. With S = B the guidance formula
+reduces to v exactly (v_u = v_c).
 """
 
 from __future__ import annotations
@@ -47,10 +46,10 @@ class HeadStep(nn.Module):
         self.net = model.head.net
         self.dtype = model.dtype
 
-    def forward(self, x, t, coeffs, noise, ada_mod, final_mod, guidance):
+    def forward(self, x, coeffs, noise, ada_mod, final_mod, guidance):
         ada = [ada_mod[i] for i in range(ada_mod.shape[0])]
         return head_step(lambda x_in: self.net.denoise(x_in.to(self.dtype), (ada, final_mod)),
-                         x, t, coeffs, noise, guidance, final_mod.shape[0])
+                         x, coeffs, noise, guidance, final_mod.shape[0])
 
 
 def reference(model, feeds: dict) -> dict:
@@ -59,8 +58,8 @@ def reference(model, feeds: dict) -> dict:
     net = model.head.net
     with torch.no_grad():
         x = head_step(lambda x_in: net.denoise(x_in.to(model.dtype), (list(ada.unbind(0)), final)),
-                      feeds["x"], feeds["t"][0], feeds["coeffs"], feeds["noise"],
-                      float(feeds["guidance"][0]), final.shape[0])
+                      feeds["x"], feeds["coeffs"], feeds["noise"], float(feeds["guidance"][0]),
+                      final.shape[0])
     return {"x_next": x}
 
 
@@ -75,8 +74,7 @@ def random_inputs(model, gen: torch.Generator, batch: int, guided: bool, final: 
     cond = torch.randn(rows, p, hid, generator=gen)
     with torch.no_grad():
         ada, final_mod = head_modulations(model.head.net, cond, times[k:k + 1], model.dtype)
-    return {"x": torch.randn(batch, p, c, generator=gen), "t": times[k:k + 1],
-            "coeffs": coeffs[k], "noise": torch.randn(batch, p, c, generator=gen),
+    return {"x": torch.randn(batch, p, c, generator=gen), "coeffs": coeffs[k], "noise": torch.randn(batch, p, c, generator=gen),
             "ada_mod": torch.stack(ada, dim=1)[0], "final_mod": final_mod[0],
             "guidance": torch.tensor([4.5 if guided else 1.0])}
 
@@ -85,6 +83,6 @@ def graph_def(model, batch: int = 2) -> GraphDef:
     gen = torch.Generator().manual_seed(0)
     example = random_inputs(model, gen, batch, guided=True, final=False)
     B, S = dim("batch"), dim("rows")
-    dynamic = {"x": {0: B}, "t": None, "coeffs": None, "noise": {0: B}, "ada_mod": {1: S},
+    dynamic = {"x": {0: B}, "coeffs": None, "noise": {0: B}, "ada_mod": {1: S},
                "final_mod": {0: S}, "guidance": None}
     return GraphDef(NAME, HeadStep(model), example, dynamic, ["x_next"])

@@ -26,8 +26,8 @@ def tile_rows(x: torch.Tensor, rows) -> torch.Tensor:
     """``[B, ...]`` -> ``[rows, ...]`` with row s = ``x[s % B]`` (conditional rows, then
     unconditional rows). A gather, so an exported graph needs no ``rows == k * B`` relation."""
     batch = x.shape[0]
-    if isinstance(rows, int) and isinstance(batch, int) and rows == batch:
-        return x
+    if isinstance(rows, int) and isinstance(batch, int):  # eager: a concatenation
+        return x if rows == batch else torch.cat([x] * (rows // batch))
     # B as a tensor: the exporter cannot take a symbolic size as remainder()'s scalar
     b = torch.ones(x.shape[:1], dtype=torch.int64, device=x.device).sum()
     return x.index_select(0, torch.remainder(torch.arange(rows, device=x.device), b))

@@ -35,7 +35,7 @@ GRAPH_INPUTS = {
     "prefill": {"input_ids", "input_lens", "block_ids", "pe"},
     "block_step": {"tokens", "pe", "pe_next", "k_cache", "v_cache", "cache_lens"},
     "head_prepare": {"cond", "times"},
-    "head_step": {"x", "t", "coeffs", "noise", "ada_mod", "final_mod", "guidance"},
+    "head_step": {"x", "coeffs", "noise", "ada_mod", "final_mod", "guidance"},
     "decoder": {"latent"},
 }
 
@@ -242,8 +242,7 @@ class OnnxRuntimeBackend(Backend):
         for k in range(self.times.shape[0]):
             step_noise = noise[k + 1] if k + 1 < len(noise) else x  # final step: unused (x 0)
             out = torch.empty_like(x)
-            self._run("head_step", {"x": x, "t": self.times[k:k + 1], "coeffs": self.coeffs[k],
-                                    "noise": step_noise,
+            self._run("head_step", {"x": x, "coeffs": self.coeffs[k], "noise": step_noise,
                                     "ada_mod": self.ada_mod[k], "final_mod": self.final_mod[k],
                                     "guidance": self.guidance}, {"x_next": out})
             x = out

@@ -186,7 +186,7 @@ class TorchBackend(Backend):
         ada, final = head_modulations(net, cond, self.times, dtype)  # leading dim: step
         return run_sampler(
             lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k])),
-            noise[0], noise[1:], self.times, self.coeffs, guidance, cond.shape[0])
+            noise[0], noise[1:], self.coeffs, guidance, cond.shape[0])
 
     def decode(self, tokens, noise):
         return decode_tokens(self.model, tokens, self.plan.h, self.plan.w, noise,
