@@ -1,0 +1,111 @@
+"""``bitdance-rt generate``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import DEBUG_OPTION, rt_app
+
+
+def progress_bar(label: str, enabled: bool = True):
+    """A ``rich`` progress bar over AR blocks on stderr, as an ``on_step(done, total)``
+    callback; a no-op when disabled or when stderr is not a terminal (one line per 10% then)."""
+    if not enabled:
+        return None
+    if not sys.stderr.isatty():
+        state = {"last": -1, "t0": time.perf_counter()}
+
+        def plain(done, total):
+            tenth = 10 * done // total
+            if tenth != state["last"]:
+                state["last"] = tenth
+                print(f"{label} {done}/{total} {time.perf_counter() - state['t0']:.1f}s",
+                      file=sys.stderr, flush=True)
+        return plain
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=False)
+    task = {}
+
+    def update(done, total):
+        if not task:
+            bar.start()
+            task["id"] = bar.add_task(label, total=total)
+        bar.update(task["id"], completed=done)
+        if done >= total:
+            bar.stop()
+    return update
+
+
+
+
+@rt_app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="Checkpoint directory (released layout). "
+        "Default: the built-in demo model."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels, a size the model "
+                                         "supports (default: the model's; 1024 for the "
+                                         "released models)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the "
+                                        "model's)."),
+    steps: Optional[int] = typer.Option(None, help="Head sampling steps N (default: the "
+                                        "model's; 50 for the released models, 25 is fast)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1.0 "
+                                             "disables it (default: the model's; 7.5)."),
+    seed: int = typer.Option(42, help="Random seed (same seed, same image)."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if "
+                                         "present)."),
+    dtype: Optional[str] = typer.Option(
+        None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)."),
+    out: Path = typer.Option(Path("bitdance.png"), "--out", "-o",
+                             help="Output PNG; with several images _0, _1, ... are appended."),
+    backend: str = typer.Option("torch", help="torch (fast loop), reference (the eager "
+                                "baseline) or onnxruntime (needs --engine-dir)."),
+    engine_dir: Optional[Path] = typer.Option(
+        None, "--engine-dir", help="Directory written by bitdance-export (onnxruntime)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+                                     help="Replay the head loop and block step as CUDA graphs."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the head (torch)."),
+    timings: bool = typer.Option(False, "--timings", help="Print a per-stage timing table."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+    debug: bool = DEBUG_OPTION,
+):
+    """Generate images from a text prompt and write PNG files (settings in PNG metadata)."""
+    from ..request import GenerationRequest
+    from ..runtime.images import check_output, save_png
+    from ..runtime.session import Session, builtin_checkpoint, check_backend, resolve_device
+    from ..runtime.timing import StageTimer
+
+    req = GenerationRequest(prompt=prompt, height=height, width=width, steps=steps,
+                            guidance=guidance, seed=seed, num_images=num_images)
+    # Everything checkable is checked before the weights load.
+    dev = resolve_device(device)
+    check_backend(backend, engine_dir)
+    paths = check_output(out, num_images)
+    if checkpoint is None:
+        checkpoint = builtin_checkpoint(say=lambda m: typer.echo(m, err=True))
+    session = Session.open(checkpoint, backend=backend, device=str(dev), dtype=dtype,
+                           engine_dir=engine_dir, cuda_graphs=cuda_graphs, compile=compile,
+                           warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    session.plan(req)  # sizes, prompt length, numbers: before any work
+    timer = StageTimer(dev, enabled=timings)
+    images = session.generate(req, on_step=progress_bar("AR steps", progress), timer=timer)[0]
+    meta = session.metadata(req)
+    for i, path in enumerate(paths):
+        save_png(images[i].numpy(), path, {**meta, "image_index": i})
+        typer.echo(str(path))
+    if timings:
+        typer.echo(timer.table())
+
+
