@@ -82,8 +82,6 @@ def _parse(path: Path, make, data=None):
 
 def _llm_files(d: Path) -> dict[str, Path]:
     """Map each LLM key to the safetensors file that holds it (single or sharded)."""
-    from safetensors import safe_open
-
     index = d / "model.safetensors.index.json"
     single = d / "model.safetensors"
     if index.is_file():
@@ -96,8 +94,7 @@ def _llm_files(d: Path) -> dict[str, Path]:
                 raise CheckpointError(f"{f} is listed in {index.name} but missing")
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return _module_files(single)
     raise CheckpointError(
         f"no language model weights in {d}: expected model.safetensors or "
         "model.safetensors.index.json with its shards")
@@ -161,7 +158,8 @@ def _module_files(path: Path) -> dict[str, Path]:
         with safe_open(path, framework="pt") as f:
             return {k: path for k in f.keys()}
     except Exception as e:
-        raise CheckpointError(f"{path} cannot be read as safetensors ({e})") from None
+        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); the file is "
+                              "damaged or incomplete: download it again") from None
 
 
 @dataclass

@@ -14,6 +14,12 @@ from pathlib import Path
 from .errors import BitDanceError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_writable_dir(d: Path) -> None:
     """``d`` exists and is writable, or can be created (its nearest existing ancestor is a
     writable directory). Raises BitDanceError naming the reason."""
@@ -25,8 +31,12 @@ def check_writable_dir(d: Path) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise BitDanceError(f"{probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise BitDanceError(f"{probe} is not writable")
+    try:  # a real write: permissions, read-only mounts and full disks all show here
+        fd, tmp = tempfile.mkstemp(prefix=".bitdance-write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise BitDanceError(f"{probe} is not writable ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -38,6 +48,7 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a file's usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -53,6 +64,7 @@ def staged_directory(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".staging", dir=final.parent))
+    os.chmod(stage, 0o777 & ~_umask())
     old = None
     try:
         yield stage

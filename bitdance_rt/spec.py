@@ -97,6 +97,9 @@ class ModelSpec:
 
     def validate(self) -> None:
         """ValueError naming the first setting that no BitDance model can have."""
+        for cfg, where in ((self.llm, "config.json"), (self.head, "vision_head_config.json"),
+                           (self.ae, "ae_config.json")):
+            check_field_types(cfg, where)
         llm, head, ae, p = self.llm, self.head, self.ae, self.parallel_num
         self.head.validate()
         self.ae.validate()
@@ -134,6 +137,21 @@ class ModelSpec:
     def check_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent (h, w) of a size this model supports; a clear error listing them otherwise."""
         return check_size(height, width, self.info.sizes)
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def check_field_types(cfg, where: str) -> None:
+    """ValueError if a field of a config dataclass has a value of the wrong type (a JSON
+    string where a number belongs, say), naming the file and the key."""
+    for f in dataclasses.fields(cfg):
+        want = _TYPES.get(str(f.type))
+        value = getattr(cfg, f.name)
+        if want and (not isinstance(value, want) or (bool not in want and isinstance(value, bool))):
+            raise ValueError(f"{where}: {f.name} must be of type {f.type}, got {value!r}")
+        if str(f.type) == "int" and value < 0:
+            raise ValueError(f"{where}: {f.name} must not be negative, got {value!r}")
 
 
 def check_size(height: int, width: int, sizes=RELEASED_SIZES) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import BitDanceError
+from .files import check_writable_dir, staged_directory
 from .spec import TINY_VOCAB, ModelSpec, preset_mid, preset_tiny
 
 SPECIAL_TOKENS = (
@@ -100,10 +101,34 @@ SIZES = ("tiny", "mid")
 
 
 def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool = False,
-              size: str = "tiny") -> Path:
+              size: str = "tiny", overwrite: bool = False) -> Path:
     """Write a complete random-weight checkpoint (float32) to ``out_dir``; returns the path.
 
-    ``size`` "tiny" (15 MB, for tests) or "mid" (the CPU benchmark preset, about 150 MB)."""
+    ``size`` "tiny" (15 MB, for tests) or "mid" (the CPU benchmark preset, about 150 MB). The
+    directory is built aside and moved into place when complete; an existing file or non-empty
+    directory is refused unless ``overwrite``."""
+    if parallel_num not in SUPPORTED_PARALLEL:
+        raise BitDanceError(
+            f"--parallel-num must be one of {list(SUPPORTED_PARALLEL)}, got {parallel_num}")
+    if size not in SIZES:
+        raise BitDanceError(f"--size must be one of {list(SIZES)}, got {size!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BitDanceError(f"{out} is a file; make-tiny writes a checkpoint directory: choose "
+                            "a new directory name")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BitDanceError(f"{out} already exists and is not empty; choose a new directory "
+                            "(make-tiny does not write over files)")
+    try:
+        check_writable_dir(out.parent)
+    except BitDanceError as e:
+        raise BitDanceError(f"cannot write {out}: {e}; choose another place") from None
+    with staged_directory(out) as stage:
+        _write_tiny(stage, parallel_num, seed, gan_decoder, size)
+    return out
+
+
+def _write_tiny(out: Path, parallel_num: int, seed: int, gan_decoder: bool, size: str) -> None:
     from safetensors.torch import save_file
 
     from .models.autoencoder import BinaryAutoencoder
@@ -111,13 +136,6 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
     from .models.projector import Projector
     from .models.qwen3 import Qwen3ForCausalLM
 
-    if parallel_num not in SUPPORTED_PARALLEL:
-        raise BitDanceError(
-            f"--parallel-num must be one of {list(SUPPORTED_PARALLEL)}, got {parallel_num}")
-    if size not in SIZES:
-        raise BitDanceError(f"--size must be one of {list(SIZES)}, got {size!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     spec = (preset_tiny if size == "tiny" else preset_mid)(parallel_num)
     ae_cfg = spec.ae.__class__(**{**spec.ae.__dict__, "gan_decoder": gan_decoder})
     gen = torch.Generator().manual_seed(seed)
@@ -143,7 +161,6 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
     save(head, "vision_head.safetensors")
     save(proj, "projector.safetensors")
     build_tokenizer(out)
-    return out
 
 
 def random_model(spec: ModelSpec, dtype=torch.float32, device="cpu", seed: int = 0,

@@ -24,6 +24,13 @@ DEBUG = {"on": False}
 class Commands(TyperGroup):
     """The CLI's error policy (see the module docstring), wrapped around every command."""
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # typer turns it into a silent exit 130: say it once
+            typer.echo("interrupted", err=True)
+            raise
+
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         DEBUG["on"] = bool(os.environ.get("BITDANCE_DEBUG"))

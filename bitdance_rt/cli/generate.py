@@ -84,21 +84,24 @@ def generate(
     """Generate images from a text prompt and write PNG files (settings in PNG metadata)."""
     from ..request import GenerationRequest
     from ..runtime.images import check_output, save_png
-    from ..runtime.session import Session, builtin_checkpoint, check_backend, resolve_device
+    from ..runtime.session import (Session, builtin_checkpoint, check_backend, preflight,
+                                   resolve_device, resolve_dtype)
     from ..runtime.timing import StageTimer
 
     req = GenerationRequest(prompt=prompt, height=height, width=width, steps=steps,
                             guidance=guidance, seed=seed, num_images=num_images)
-    # Everything checkable is checked before the weights load.
+    # Everything checkable is checked before the weights load: the settings, the output, the
+    # request against the model's configs and tokenizer.
     dev = resolve_device(device)
+    resolve_dtype(dtype, dev)
     check_backend(backend, engine_dir)
     paths = check_output(out, num_images)
     if checkpoint is None:
         checkpoint = builtin_checkpoint(say=lambda m: typer.echo(m, err=True))
+    preflight(checkpoint, req)
     session = Session.open(checkpoint, backend=backend, device=str(dev), dtype=dtype,
                            engine_dir=engine_dir, cuda_graphs=cuda_graphs, compile=compile,
                            warn=lambda m: typer.echo(f"warning: {m}", err=True))
-    session.plan(req)  # sizes, prompt length, numbers: before any work
     timer = StageTimer(dev, enabled=timings)
     images = session.generate(req, on_step=progress_bar("AR steps", progress), timer=timer)[0]
     meta = session.metadata(req)

@@ -43,7 +43,7 @@ def builtin_checkpoint(say=None) -> Path:
     if not (path / "tokenizer.json").is_file():
         if say:
             say(f"making the built-in tiny model in {path} (first use)")
-        make_tiny(path, parallel_num=4, seed=0)
+        make_tiny(path, parallel_num=4, seed=0, overwrite=True)
     if say:
         say(f"no --checkpoint given: using the built-in tiny RANDOM-WEIGHT model at {path}; "
             "its images are noise patterns, not pictures")
@@ -101,6 +101,12 @@ def make_backend(name: str, model: BitDanceModel, engine_dir=None, cuda_graphs: 
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(model, engine_dir)
+
+
+def preflight(checkpoint, *requests: GenerationRequest) -> ImagePlan:
+    """Check requests against a checkpoint's configs and tokenizer without reading its weights
+    (sizes, numbers, prompt length): errors before any slow work."""
+    return plan_for(load_checkpoint(checkpoint, weights=False), *requests)
 
 
 @dataclass
