@@ -115,13 +115,7 @@ class ImagePlan:
 
     def groups(self) -> list[tuple[int, int, tuple]]:
         """Runs of consecutive rows with the same sequence: ``(start, end, ids)``."""
-        out = []
-        for i, ids in enumerate(self.row_ids()):
-            if out and out[-1][2] == ids:
-                out[-1] = (out[-1][0], i + 1, ids)
-            else:
-                out.append((i, i + 1, ids))
-        return out
+        return row_groups(self.row_ids())
 
     def max_len(self, parallel_num: int) -> int:
         """KV slots per sequence: the longest prompt plus every image block but the last."""
@@ -130,6 +124,18 @@ class ImagePlan:
     @property
     def tokens(self) -> int:
         return self.h * self.w
+
+
+def row_groups(rows: list) -> list[tuple[int, int, tuple]]:
+    """Runs of consecutive equal sequences in ``rows``: ``(start, end, ids)`` (a prompt's rows
+    run through the LLM together, at the prompt's exact length)."""
+    out = []
+    for i, ids in enumerate(rows):
+        if out and out[-1][2] == ids:
+            out[-1] = (out[-1][0], i + 1, ids)
+        else:
+            out.append((i, i + 1, ids))
+    return out
 
 
 def plan_for(model, *requests: GenerationRequest) -> ImagePlan:

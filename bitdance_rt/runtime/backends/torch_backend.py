@@ -19,7 +19,7 @@ import torch
 from ...checkpoint import BitDanceModel
 from ...models.kv_cache import StaticKVCache
 from ...models.steps import block_step, decode_tokens, image_start, prompt_pass
-from ...request import ImagePlan
+from ...request import ImagePlan, row_groups
 from ...sampling import head_modulations, run_sampler, step_schedule
 from ..backend import Backend
 from ..buffers import available_memory, block_posembs, ensure_cache_fits, modulation_bytes
@@ -100,6 +100,8 @@ class TorchBackend(Backend):
             # the memory, allocate at the new capacity.
             self.storage, self.cache, self._views = None, None, {}
             self._head_graphs, self._block_graphs = {}, {}
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the old buffers' memory counts as free again
             cap_rows = max(rows, old.k.shape[1] if old is not None else 0)
             # room for prompts up to the next multiple of PROMPT_ROOM tokens, so that another
             # prompt length does not reallocate
@@ -146,14 +148,8 @@ class TorchBackend(Backend):
         """Causal pass per prompt (its rows at the prompt's exact length, as the reference
         does), then one batched block call for every sequence's image-start block."""
         p, rows = self.parallel_num, self._row_ids()
-        groups = []
-        for i, ids in enumerate(rows):
-            if groups and rows[groups[-1][0]] == ids:
-                groups[-1][1] = i + 1
-            else:
-                groups.append([i, i + 1])
-        for a, b in groups:
-            ids = torch.tensor([rows[a]] * (b - a), device=self.device)
+        for a, b, seq in row_groups(rows):
+            ids = torch.tensor([seq] * (b - a), device=self.device)
             prompt_pass(self.model, ids[:, :-p], self.cache.rows(a, b))
         self.cache.advance([len(ids) - p for ids in rows])
         block_ids = torch.tensor([ids[-p:] for ids in rows], device=self.device)
