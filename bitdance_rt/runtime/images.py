@@ -4,6 +4,7 @@ into place when complete, so an interrupted save never leaves a truncated image)
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -46,15 +47,27 @@ def check_output(out, n: int) -> list[Path]:
     return paths
 
 
-def save_png(image, path: Path, meta: dict) -> None:
-    """``image`` (uint8 HxWx3 array) to ``path`` with ``meta`` as PNG text chunks, atomically."""
+def write_png(image, fp, meta: dict) -> None:
+    """``image`` (uint8 HxWx3 array) as a PNG with ``meta`` as text chunks, to a path or a
+    binary file object: the one writer of the format (files, server responses)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for k, v in meta.items():
         info.add_text(k, str(v))
+    Image.fromarray(image).save(fp, format="PNG", pnginfo=info)
+
+
+def png_bytes(image, meta: dict) -> bytes:
+    buf = io.BytesIO()
+    write_png(image, buf, meta)
+    return buf.getvalue()
+
+
+def save_png(image, path: Path, meta: dict) -> None:
+    """``image`` to ``path`` (see :func:`write_png`), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        write_png(image, tmp, meta)

@@ -1,0 +1,16 @@
+"""Serving: a long-lived process that keeps the model warm and answers the OpenAI Images API.
+
+- ``config.py``: :class:`ServeConfig`, the model and the limits, checked up front
+- ``scheduler.py``: the bounded queue and the worker that batches compatible requests
+- ``api.py``: the request body and its translation into a ``GenerationRequest``
+- ``service.py``: one process's session, scheduler and metrics
+- ``app.py``: the FastAPI app (images API, models, health, metrics, page)
+- ``run.py``: uvicorn in this process; ``ray_app.py``: the same app on Ray Serve
+
+The FastAPI side needs ``pip install 'bitdance-rt[serve]'`` (Ray: ``[ray]``); the scheduler does
+not. Nothing here re-implements generation or validation: it calls the runtime's Session.
+"""
+
+from .config import ServeConfig
+
+__all__ = ["ServeConfig"]

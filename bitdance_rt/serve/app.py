@@ -1,0 +1,255 @@
+"""The HTTP face of an :class:`~bitdance_rt.serve.service.ImageService`: a FastAPI app with the
+OpenAI Images API, health, metrics and the page. The same app runs under uvicorn
+(``bitdance-rt serve``) and as the ingress of every Ray Serve replica (``--ray``).
+
+Routes: ``POST /v1/images/generations`` (JSON, or server-sent progress events with
+``"stream": true``), ``GET /v1/models``, ``GET /healthz`` (200 only when loaded and warmed up;
+never needs the key), ``GET /metrics`` (Prometheus), ``GET /`` (the page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import socket
+import time
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .api import ApiError, parse_body, size_text
+from .metrics import CONTENT_TYPE
+from .page import PAGE
+from .scheduler import CANCELLED, DONE, FAILED, Job
+from .service import ImageService
+
+GENERATIONS = "/v1/images/generations"
+MAX_BODY = 1 << 20     # bytes; a prompt that long is refused by the model anyway
+POLL_S = 0.25          # how often a waiting request looks for its client and its deadline
+CLIENT_GONE = 499      # recorded for requests whose client went away (nginx's convention)
+SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"   # which process (Ray: replica) answered
+
+
+def create_app(service: ImageService, load: str = "background", on_fail=None) -> FastAPI:
+    """The app over ``service``. ``load``: "background" (the port answers at once and
+    /healthz says when the model is ready; ``on_fail(error)`` if loading fails), "startup"
+    (loaded before the app takes requests: Ray replicas) or "none" (already loaded)."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load == "background":
+            service.start_loading(on_fail=on_fail)
+        elif load == "startup":
+            await anyio.to_thread.run_sync(service.load)
+        yield
+        await anyio.to_thread.run_sync(service.close)
+
+    app = FastAPI(title="bitdance-rt", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service = service
+    if service.config.api_key:
+        app.add_middleware(ApiKey, key=service.config.api_key, metrics=service.metrics)
+
+    @app.get("/healthz")
+    async def healthz():
+        status, body = service.health()
+        return JSONResponse(body, status)
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE
+
+    @app.post(GENERATIONS)
+    async def generations(request: Request):
+        t0 = time.monotonic()
+        watch = Watch()
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY // 1024} KiB; a "
+                               "request is a JSON object with a prompt and a few settings")
+            body = parse_body(await request.body())
+            req = await run_in_threadpool(service.request_from, body)  # tokenizes the prompt
+            job = service.submit(req, watch.listener)
+        except ApiError as e:
+            service.metrics.answered(e.status)
+            return error_response(e)
+        deadline = job.arrived + service.config.timeout
+        if body.stream:
+            return StreamingResponse(_events(service, job, watch, deadline, t0),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            async for _ in _follow(service, job, watch, deadline, request.is_disconnected):
+                pass
+        except asyncio.CancelledError:  # the server cancelled us (Ray: the client went away)
+            if service.cancel(job, "disconnected"):
+                service.metrics.answered(CLIENT_GONE)
+            raise
+        try:
+            pngs = await _finish(service, job, t0)
+        except ApiError as e:
+            return error_response(e)
+        return JSONResponse(
+            {"created": int(time.time()),
+             "data": [{"b64_json": base64.b64encode(p).decode()} for p in pngs]},
+            headers={"X-Batch-Images": str(job.batch_images),
+                     "X-Queue-Seconds": f"{job.started - job.arrived:.3f}",
+                     "X-Served-By": SERVED_BY})
+
+    return app
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), e.status, headers=e.headers)
+
+
+class Watch:
+    """Wakes an asyncio task when the scheduler (another thread) changes a job."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def listener(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.event.set)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    async def changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        self.event.clear()
+
+
+async def _follow(service: ImageService, job: Job, watch: Watch, deadline: float,
+                  is_disconnected=None):
+    """Yields after every change of ``job`` until it is over; gives it up when its deadline
+    passes or (``is_disconnected``) its client has gone away."""
+    while not job.over:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            service.cancel(job, "timeout")
+            break
+        await watch.changed(min(left, POLL_S))
+        if is_disconnected is not None and await is_disconnected():
+            service.cancel(job, "disconnected")
+            break
+        yield job
+
+
+async def _finish(service: ImageService, job: Job, t0: float) -> list[bytes]:
+    """The PNGs of a finished job, or the ApiError that answers it; records the metrics."""
+    m = service.metrics
+    if job.state == DONE:
+        t_enc = time.monotonic()
+        pngs = await run_in_threadpool(service.png_bytes, job)
+        now = time.monotonic()
+        m.answered(200)
+        m.request_done(job.started - job.arrived, now - t_enc, now - t0, job.size)
+        return pngs
+    if job.state == FAILED:
+        err = job.error
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        e = ApiError(500, f"generation failed ({type(err).__name__}: {first}); this request's "
+                     "batch was dropped, the server keeps serving: retry, or report it with "
+                     "the server log")
+    elif job.state == CANCELLED and job.reason == "timeout":
+        e = ApiError(504, f"the request did not finish within {service.config.timeout:g} s "
+                     "(the server's --timeout); retry when the queue is shorter, or ask for "
+                     "fewer steps or images", kind="timeout")
+    else:
+        e = ApiError(CLIENT_GONE, "the client went away")
+    m.answered(e.status)
+    m.request_done(None if job.started is None else job.started - job.arrived, None,
+                   time.monotonic() - t0)
+    raise e
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _events(service: ImageService, job: Job, watch: Watch, deadline: float, t0: float):
+    """Server-sent events: ``image_generation.progress`` (state, place in the queue, blocks
+    done) on every change, then one ``image_generation.completed`` per image (OpenAI's
+    streaming event, with ``b64_json``) or one ``error``. A client that goes away cancels the
+    job (the next write fails, or the server cancels the stream)."""
+    last = None
+    try:
+        yield _sse("image_generation.progress", _progress(service, job))
+        async for _ in _follow(service, job, watch, deadline):
+            p = _progress(service, job)
+            if p != last:
+                last = p
+                yield _sse("image_generation.progress", p)
+        try:
+            pngs = await _finish(service, job, t0)
+        except ApiError as e:
+            yield _sse("error", {"type": "error", **e.body()})
+            return
+        r = job.request
+        for i, png in enumerate(pngs):
+            yield _sse("image_generation.completed", {
+                "type": "image_generation.completed", "image_index": i,
+                "b64_json": base64.b64encode(png).decode(), "created_at": int(time.time()),
+                "size": size_text(r.height, r.width), "output_format": "png", "seed": r.seed,
+                "batch_images": job.batch_images})
+    finally:
+        if service.cancel(job, "disconnected"):
+            service.metrics.answered(CLIENT_GONE)
+
+
+def _progress(service: ImageService, job: Job) -> dict:
+    return {"type": "image_generation.progress", "state": job.state,
+            "queue_position": service.scheduler.position(job) if job.state == "queued" else 0,
+            "blocks_done": job.blocks_done, "blocks_total": job.blocks_total,
+            "batch_images": job.batch_images}
+
+
+class ApiKey:
+    """ASGI middleware: every route but /healthz needs ``Authorization: Bearer KEY`` (or HTTP
+    Basic with KEY as the password, so a browser can open the page)."""
+
+    def __init__(self, app, key: str, metrics=None):
+        self.app, self.key, self.metrics = app, key.encode(), metrics
+
+    def _ok(self, scope) -> bool:
+        auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        scheme, _, value = auth.partition(b" ")
+        if scheme.lower() == b"bearer":
+            return hmac.compare_digest(value.strip(), self.key)
+        if scheme.lower() == b"basic":
+            try:
+                password = base64.b64decode(value.strip()).partition(b":")[2]
+            except ValueError:
+                return False
+            return hmac.compare_digest(password, self.key)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/healthz" or self._ok(scope):
+            return await self.app(scope, receive, send)
+        if scope["path"] == GENERATIONS and self.metrics:
+            self.metrics.answered(401)
+        challenge = 'Basic realm="bitdance-rt"' if scope["path"] == "/" else "Bearer"
+        e = ApiError(401, "this server needs an API key: send the header 'Authorization: "
+                     "Bearer KEY' (the key given to bitdance-rt serve --api-key)",
+                     headers={"WWW-Authenticate": challenge}, kind="authentication_error")
+        await error_response(e)(scope, receive, send)

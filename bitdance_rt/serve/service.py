@@ -1,0 +1,166 @@
+"""One serving process's state: the session, its scheduler and metrics, and the steps of a
+request that are not HTTP (validate, submit, encode). The FastAPI app (``app.py``) maps
+routes onto it; a Ray replica holds one."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..request import GenerationRequest
+from .api import ApiError, ImagesBody, size_text, to_request
+from .config import ServeConfig
+from .metrics import Metrics
+from .scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+
+log = logging.getLogger("bitdance_rt.serve")
+
+LOADING, READY, FAILED, DRAINING = "loading", "ready", "failed", "draining"
+
+
+class ImageService:
+    """Loads the model (``load``, blocking, or ``start_loading`` in a thread), then serves
+    requests through one :class:`Scheduler`. ``session`` may be given (tests)."""
+
+    def __init__(self, config: ServeConfig, session=None):
+        self.config = config
+        self.metrics = Metrics()
+        self.session = session
+        self.scheduler: Scheduler | None = None
+        self.state = LOADING
+        self.error: BaseException | None = None
+        self.created = int(time.time())
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def load(self, say=None) -> None:
+        """Open the session (unless given), warm it up, start the scheduler: then ready.
+        Raises what ``Session.open`` raises (and records it)."""
+        from ..runtime.session import Session, builtin_checkpoint
+
+        try:
+            if self.session is None:
+                c = self.config
+                checkpoint = c.checkpoint or builtin_checkpoint(say=say or log.warning)
+                self.session = Session.open(checkpoint, backend=c.backend, device=c.device,
+                                            dtype=c.dtype, engine_dir=c.engine_dir,
+                                            cuda_graphs=c.cuda_graphs, compile=c.compile,
+                                            warn=lambda m: log.warning(m))
+            if self.config.warmup:
+                t0 = time.monotonic()
+                self.session.generate(self.warmup_request())
+                log.info("warmed up in %.1f s", time.monotonic() - t0)
+        except BaseException as e:
+            self.error, self.state = e, FAILED
+            raise
+        self.scheduler = Scheduler(self.session, self.config.max_batch, self.config.max_queue,
+                                   observer=self.metrics)
+        self.metrics.watch_queue(self.scheduler)
+        self.metrics.watch_gpu(self.session.settings.get("device", "cpu"))
+        self.metrics.ready.set(1)
+        self.state = READY
+        log.info("ready: %s on %s, up to %d images a run, %d requests queued", self.model_id,
+                 self.session.settings.get("device"), self.config.max_batch,
+                 self.config.max_queue)
+
+    def start_loading(self, on_fail=None, say=None) -> threading.Thread:
+        """``load`` in a thread; ``on_fail(error)`` if it fails."""
+        def run():
+            try:
+                self.load(say=say)
+            except BaseException as e:  # noqa: BLE001 (handed to on_fail, shown by the CLI)
+                log.error("loading the model failed: %s", e)
+                if on_fail:
+                    on_fail(e)
+        t = threading.Thread(target=run, name="bitdance-load", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        """Take no new requests; finish what is queued and running."""
+        if self.state == READY:
+            self.state = DRAINING
+        self.metrics.ready.set(0)
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    def warmup_request(self) -> GenerationRequest:
+        """One image at the model's smallest size, one step, the default guidance."""
+        spec = self.session.spec
+        h, w = min(spec.info.sizes, key=lambda s: s[0] * s[1])
+        return GenerationRequest("warm-up", h, w, steps=1, seed=0)
+
+    # -- what the routes call ---------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.session.spec.name if self.session is not None else "loading"
+
+    def check_ready(self) -> None:
+        if self.state == READY:
+            return
+        if self.state == LOADING:
+            raise ApiError(503, "the model is still loading; retry in a few seconds (GET "
+                           "/healthz says when it is ready)", headers={"Retry-After": "5"})
+        if self.state == DRAINING:
+            raise ApiError(503, "the server is shutting down; retry on another server",
+                           headers={"Retry-After": "5"})
+        raise ApiError(503, f"the model failed to load: {self.error}")
+
+    def request_from(self, body: ImagesBody) -> GenerationRequest:
+        self.check_ready()
+        req = to_request(body, self.session, self.model_id)
+        if req.num_images > self.config.max_batch:
+            raise ApiError(400, f"n must be at most {self.config.max_batch} on this server "
+                           "(its --max-batch); ask for fewer images per request", "n")
+        return req
+
+    def submit(self, req: GenerationRequest, listener=None) -> Job:
+        job = Job(req, listener=listener)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), headers={"Retry-After": str(e.retry_after)},
+                           kind="rate_limit_exceeded") from None
+        except SchedulerClosed as e:
+            raise ApiError(503, str(e), headers={"Retry-After": "5"}) from None
+        return job
+
+    def cancel(self, job: Job, reason: str) -> bool:
+        """Give up ``job``; False when it was already over."""
+        return self.scheduler.cancel(job, reason)
+
+    def png_bytes(self, job: Job) -> list[bytes]:
+        """The job's images as PNG files with the CLI's text metadata (the runtime's writer)."""
+        from ..runtime.images import png_bytes
+
+        meta = self.session.metadata(job.request)
+        return [png_bytes(image.numpy(), {**meta, "image_index": i})
+                for i, image in enumerate(job.images)]
+
+    def models(self) -> dict:
+        """``GET /v1/models``: the OpenAI list shape, with the sizes (width x height) and
+        defaults of the model."""
+        data = []
+        if self.session is not None:
+            spec = self.session.spec
+            d = spec.info.defaults
+            data.append({
+                "id": self.model_id, "object": "model", "created": self.created,
+                "owned_by": "bitdance-rt",
+                "sizes": [size_text(h, w) for h, w in spec.info.sizes],
+                "default_size": size_text(d.height, d.width),
+                "defaults": {"steps": d.steps, "guidance": d.guidance, "seed": 42},
+                "max_images": self.config.max_batch,
+                "description": spec.info.description,
+            })
+        return {"object": "list", "data": data}
+
+    def health(self) -> tuple[int, dict]:
+        body = {"status": self.state, "model": self.model_id}
+        if self.state == FAILED:
+            body["error"] = str(self.error)
+        if self.scheduler is not None:
+            body["queued"] = self.scheduler.queued()
+        return (200 if self.state == READY else 503), body
