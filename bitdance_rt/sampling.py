@@ -148,12 +148,17 @@ class NoiseSource:
     """The random numbers of one AR run: one ``torch.Generator`` per request, each drawing its
     images' tensors in the reference order (per block: x_0, then one tensor per
     Euler-Maruyama step; after all blocks, a gan-decoder's noise). A request's draws are those
-    of the reference pipeline seeded with its seed, whatever else is in the batch."""
+    of the reference pipeline seeded with its seed, whatever else is in the batch.
 
-    def __init__(self, parts: list[tuple[torch.Generator, int]]):
+    Images can be dropped from a run (:meth:`keep`): a request still draws for all of its
+    images, so the images it keeps get exactly the numbers they got before, and a request with
+    no image left stops drawing."""
+
+    def __init__(self, parts: list[tuple[torch.Generator, int | None]]):
         if not parts:
             raise ValueError("a NoiseSource needs at least one generator")
         self.parts = parts
+        self._kept = None  # per part, the kept image rows of its draws (None: all)
 
     @classmethod
     def from_seeds(cls, seeds, device) -> "NoiseSource":
@@ -163,15 +168,34 @@ class NoiseSource:
             seeds = [(seeds, None)]
         return cls([(torch.Generator(device).manual_seed(int(s)), n) for s, n in seeds])
 
-    def _draw(self, shape_per_image: tuple, images: int, device) -> torch.Tensor:
+    def _counts(self, images: int) -> list[int]:
         counts = [n for _, n in self.parts]
         if None in counts:  # a single request: all images
             counts = [images]
-        if sum(counts) != images:
+        if self._kept is None and sum(counts) != images:
             raise ValueError(f"the noise source draws for {sum(counts)} images, the plan has "
                              f"{images}")
-        return torch.cat([torch.randn((n,) + tuple(shape_per_image), device=device, generator=g)
-                          for (g, _), n in zip(self.parts, counts)])
+        return counts
+
+    def keep(self, images: list[int], total: int) -> None:
+        """From now on draw only for ``images`` (indices among the ``total`` images the source
+        was made for)."""
+        counts, kept, start = self._counts(total), [], 0
+        for n in counts:
+            kept.append([i - start for i in images if start <= i < start + n])
+            start += n
+        self.parts = [(g, n) for (g, _), n in zip(self.parts, counts)]
+        self._kept = kept
+
+    def _draw(self, shape_per_image: tuple, images: int, device) -> torch.Tensor:
+        out = []
+        for i, ((g, _), n) in enumerate(zip(self.parts, self._counts(images))):
+            rows = None if self._kept is None else self._kept[i]
+            if rows == []:
+                continue  # every image of this request was dropped
+            x = torch.randn((n,) + tuple(shape_per_image), device=device, generator=g)
+            out.append(x if rows is None or len(rows) == n else x[rows])
+        return torch.cat(out)
 
     def block(self, images: int, tokens: int, channels: int, steps: int, device) -> list:
         """x_0 and the N Euler-Maruyama draws of one block, ``[B, P, C]`` each."""

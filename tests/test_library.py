@@ -166,3 +166,31 @@ def test_session_metadata_and_defaults(tiny_ckpt):
     meta = session.metadata(GenerationRequest("a cat"))
     assert (meta["height"], meta["width"], meta["steps"], meta["guidance"]) == (1024, 1024, 50, 7.5)
     assert json.dumps(meta)
+
+
+@pytest.mark.parametrize("backend,graphs", [("torch", False), ("torch", True),
+                                            ("reference", False)])
+def test_dropping_a_request_mid_run_keeps_the_others_exact(tiny16_ckpt, backend, graphs):
+    """A request dropped after a few blocks (its client went away) stops being computed; the
+    requests left in the run give, bit for bit, the images they give alone."""
+    from bitdance_rt.runtime.backends.torch_backend import TorchBackend
+
+    session = Session.open(tiny16_ckpt, device="cpu", backend=backend)
+    if graphs:
+        session.backend = TorchBackend(session.model, emulate_graphs=True)
+    c = GenerationRequest("a third prompt, longer than the others", 256, 1024, steps=2,
+                          guidance=3.0, seed=77)
+    alone = {r.seed: session.generate(r)[0] for r in (A, c)}
+    seen = []
+
+    def on_step(done, total):
+        seen.append(done)
+        return [1] if done == 3 else None  # drop B (two images) after block 3
+
+    out = session.generate(A, B, c, on_step=on_step)
+    assert out[1] is None
+    assert torch.equal(out[0], alone[A.seed]) and torch.equal(out[2], alone[c.seed])
+    assert seen == list(range(1, 16 * 64 // 16 + 1))  # every block reported
+    if backend == "torch":
+        rows = session.backend.cache.k.shape[1]
+        assert rows == (8 if graphs else 4)  # graphs keep the captured batch of 4 images

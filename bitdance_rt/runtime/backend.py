@@ -28,6 +28,8 @@ class Backend(ABC):
     # The reference runs the LLM once more after the last block (its result is unused), as
     # the authors' pipeline does; a fast backend does not.
     final_block_step: bool = False
+    # Whether drop() can stop computing images in the middle of a run.
+    can_drop: bool = False
 
     @abstractmethod
     def begin(self, plan: ImagePlan) -> None:
@@ -53,6 +55,12 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, tokens: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """``[B, h*w, 32]`` tokens in patch raster order -> uint8 ``[B, 16h, 16w, 3]`` (CPU)."""
+
+    def drop(self, keep: list[int], cond: torch.Tensor) -> torch.Tensor:
+        """Stop computing every image of the current run but ``keep`` (indices among its
+        images); return the head condition of the next block for the rows that remain. The
+        kept images' results do not change. Only called when ``can_drop``."""
+        raise NotImplementedError
 
     def weight_bytes(self, plan: ImagePlan) -> dict:
         """Weight bytes each stage reads per call of the loop's (``prefill``, ``block_step``,

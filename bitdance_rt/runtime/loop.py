@@ -7,7 +7,7 @@ batch, each give the image they give alone.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -16,8 +16,9 @@ from ..sampling import NoiseSource
 from .backend import Backend
 from .timing import StageTimer
 
-# on_step(blocks done, blocks in all); may raise to abandon the run
-StepCallback = Callable[[int, int], None]
+# on_step(blocks done, blocks in all) after every block; it may raise to abandon the run, or
+# return the indices (among the plan's images) of images to drop from it
+StepCallback = Callable[[int, int], Optional[Iterable[int]]]
 
 
 def noise_source(rng, device) -> NoiseSource:
@@ -30,32 +31,49 @@ def noise_source(rng, device) -> NoiseSource:
 
 @torch.no_grad()
 def generate_tokens(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | None = None,
-                    on_step: StepCallback | None = None, noise: NoiseSource | None = None):
+                    on_step: StepCallback | None = None, noise: NoiseSource | None = None,
+                    alive: list | None = None):
     """Prefill and every block; returns tokens ``[B, h*w, 32]`` (patch raster order). Each
     block's noise is drawn up front in the reference order (x_0, then one tensor per step) on
-    the backend's device."""
+    the backend's device. Images that ``on_step`` drops stop being computed (where the backend
+    can drop rows; the others keep their exact results) and keep zero tokens; ``alive``, if
+    given, is filled with the indices of the images that ran to the end."""
     timer = timer or StageTimer(backend.device, enabled=False)
     noise = noise or noise_source(rng, backend.device)
-    p, b = backend.parallel_num, plan.images
+    p, total = backend.parallel_num, plan.images
     wb = backend.weight_bytes(plan)
     num_blocks = plan.tokens // p
+    live = list(range(total))  # the images still computed (indices among the plan's)
+    gone = set()  # dropped images a backend without drop() keeps computing
     backend.begin(plan)
     with timer.stage("prefill", calls=wb.get("prefill_calls", 1), weight_bytes=wb.get("prefill", 0)):
         cond = backend.prefill()
-    out = torch.empty((b, plan.tokens, backend.ch_target), device=backend.device)
+    out = torch.zeros((total, plan.tokens, backend.ch_target), device=backend.device)
     for k in range(num_blocks):
-        draws = noise.block(b, p, backend.ch_target, plan.steps, backend.device)
+        draws = noise.block(len(live), p, backend.ch_target, plan.steps, backend.device)
         with timer.stage("head", calls=wb.get("head_calls", plan.steps + 1),
                          weight_bytes=wb.get("head", 0)):
             x = backend.sample_head(cond, draws)
         tokens = torch.sign(x)
-        out[:, k * p:(k + 1) * p] = tokens
+        out[live, k * p:(k + 1) * p] = tokens
         if k + 1 < num_blocks or backend.final_block_step:
             with timer.stage("block_step", calls=wb.get("block_step_calls", 1),
                              weight_bytes=wb.get("block_step", 0)):
                 cond = backend.block_step(tokens, k)
-        if on_step:
-            on_step(k + 1, num_blocks)
+        dropped = set(on_step(k + 1, num_blocks) or ()) if on_step else set()
+        if dropped & set(live) and k + 1 < num_blocks:
+            keep = [i for i, img in enumerate(live) if img not in dropped]
+            if not keep:
+                live = []
+                break
+            if backend.can_drop:
+                cond = backend.drop(keep, cond)
+                live = [live[i] for i in keep]
+                noise.keep(live, total)
+            else:
+                gone |= dropped
+    if alive is not None:
+        alive[:] = [i for i in live if i not in gone]
     return out
 
 
@@ -64,16 +82,28 @@ def generate(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | None = 
              on_step: StepCallback | None = None) -> torch.Tensor:
     """uint8 images ``[B, 16h, 16w, 3]`` (CPU). ``rng``: a seed, ``(seed, images)`` pairs (one
     per request of the plan, in order) or a NoiseSource. A gan-decoder model's noise is drawn
-    after all AR steps (reference order)."""
+    after all AR steps (reference order). Images dropped by ``on_step`` are not decoded (they
+    stay zero)."""
     timer = timer or StageTimer(backend.device, enabled=False)
     noise = noise_source(rng, backend.device)
     timer.start()
-    tokens = generate_tokens(backend, plan, None, timer, on_step, noise=noise)
-    decoder_noise = None
-    if backend.gan_decoder:
-        decoder_noise = noise.decoder(plan.images, backend.ch_target, plan.h, plan.w,
-                                      backend.device)
-    with timer.stage("decode", calls=1, weight_bytes=backend.weight_bytes(plan).get("decode", 0)):
-        images = backend.decode(tokens, decoder_noise)
+    alive = []
+    tokens = generate_tokens(backend, plan, None, timer, on_step, noise=noise, alive=alive)
+    images = None
+    if alive:
+        decoder_noise = None
+        if backend.gan_decoder:
+            decoder_noise = noise.decoder(len(alive), backend.ch_target, plan.h, plan.w,
+                                          backend.device)
+        with timer.stage("decode", calls=1,
+                         weight_bytes=backend.weight_bytes(plan).get("decode", 0)):
+            decoded = backend.decode(tokens[alive], decoder_noise)
+        images = decoded
+        if len(alive) < plan.images:
+            images = torch.zeros((plan.images,) + tuple(decoded.shape[1:]), dtype=decoded.dtype)
+            images[alive] = decoded
     timer.stop()
+    if images is None:
+        up = plan.h * 16, plan.w * 16
+        images = torch.zeros((plan.images, *up, 3), dtype=torch.uint8)
     return images

@@ -26,7 +26,9 @@ from .backend import Backend
 from .loop import StepCallback, generate
 from .timing import StageTimer
 
-BACKENDS = ("torch", "reference", "onnxruntime")
+BACKENDS = ("torch", "reference", "onnxruntime", "tensorrt")
+# backends that run exported graphs (--engine-dir): the graphs hold the weights
+GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def cache_dir() -> Path:
@@ -82,8 +84,11 @@ def check_backend(name: str, engine_dir) -> None:
     if name == "onnxruntime" and engine_dir is None:
         raise BitDanceError("--backend onnxruntime needs --engine-dir, a directory written by "
                             "`bitdance-export`")
-    if name != "onnxruntime" and engine_dir is not None:
-        raise BitDanceError(f"--engine-dir is for --backend onnxruntime, not {name}")
+    if name == "tensorrt" and engine_dir is None:
+        raise BitDanceError("--backend tensorrt needs --engine-dir, a directory written by "
+                            "`bitdance-export build` (or an export directory holding engines/)")
+    if name not in GRAPH_BACKENDS and engine_dir is not None:
+        raise BitDanceError(f"--engine-dir is for --backend onnxruntime or tensorrt, not {name}")
 
 
 def make_backend(name: str, model: BitDanceModel, engine_dir=None, cuda_graphs: bool = True,
@@ -98,6 +103,10 @@ def make_backend(name: str, model: BitDanceModel, engine_dir=None, cuda_graphs: 
         from .backends.torch_backend import TorchBackend
 
         return TorchBackend(model, cuda_graphs=cuda_graphs, compile=compile)
+    if name == "tensorrt":
+        from .backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(model, engine_dir, cuda_graphs=cuda_graphs)
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(model, engine_dir)
@@ -128,11 +137,12 @@ class Session:
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         check_backend(backend, engine_dir)
-        if warn and dev.type == "cpu" and torch_dtype != torch.float32 and backend != "onnxruntime":
+        if (warn and dev.type == "cpu" and torch_dtype != torch.float32
+                and backend not in GRAPH_BACKENDS):
             warn(f"--dtype {dtypes.LONG[torch_dtype]} on the CPU is about 10x slower than "
                  "float32 (the CPU has no fast kernels for it here); drop --dtype on the CPU")
         model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev,
-                                weights=backend != "onnxruntime")
+                                weights=backend not in GRAPH_BACKENDS)
         be = make_backend(backend, model, engine_dir, cuda_graphs, compile)
         return cls(model, be, Path(checkpoint), {
             "backend": backend, "device": str(dev), "dtype": dtypes.LONG[torch_dtype]})
@@ -147,20 +157,30 @@ class Session:
         return plan_for(self.model, *requests)
 
     @torch.no_grad()
-    def generate(self, *requests: GenerationRequest, on_step: StepCallback | None = None,
-                 timer: StageTimer | None = None) -> list[torch.Tensor]:
+    def generate(self, *requests: GenerationRequest, on_step=None,
+                 timer: StageTimer | None = None) -> list:
         """One AR run for all ``requests`` (batched); returns, per request, its uint8 images
         ``[n, H, W, 3]``. Each request draws from its own seed: its images are those it
-        gives alone."""
+        gives alone. ``on_step(done, total)`` is called after every block; it may return the
+        indices (among ``requests``) of requests to drop: they stop being computed at once
+        (the others' images do not change) and their entry in the result is None."""
         reqs = [r.resolved(self.spec) for r in requests]
         plan = self.plan(*reqs)
-        images = generate(self.backend, plan, [(r.seed, r.num_images) for r in reqs], timer,
-                          on_step)
-        out, start = [], 0
+        spans, start = [], 0
         for r in reqs:
-            out.append(images[start:start + r.num_images])
+            spans.append(range(start, start + r.num_images))
             start += r.num_images
-        return out
+        dropped = set()
+
+        def step(done, total):
+            drop = set(on_step(done, total) or ()) if on_step else set()
+            dropped.update(drop)
+            return [i for j in drop for i in spans[j]]
+
+        images = generate(self.backend, plan, [(r.seed, r.num_images) for r in reqs], timer,
+                          step)
+        return [None if j in dropped else images[span.start:span.stop]
+                for j, span in enumerate(spans)]
 
     def metadata(self, request: GenerationRequest) -> dict:
         """What a PNG records of how it was made (text chunks)."""

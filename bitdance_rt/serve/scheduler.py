@@ -7,10 +7,9 @@ it). Each request keeps its own seed (the runtime gives every request its own ge
 an image is the same whether it was batched or served alone.
 
 A request can be cancelled at any time (its client went away or its time ran out): it leaves
-the queue at once, or, when running, its answer is given up at once and the run continues
-for the others; when every request of a run is gone the run is abandoned at the next block
-(``on_step`` raises). The runtime has no way yet to drop one request's rows from a running
-batch, so those rows keep computing until the run ends.
+the queue at once, or, when running, its answer is given up at once and it is dropped from the
+run at the next block (``on_step`` names it: the runtime stops computing its rows, and the
+others' images do not change); when every request of a run is gone the run is abandoned.
 
 Nothing here knows about HTTP: a job tells a listener (any thread) when it changes.
 """
@@ -193,15 +192,17 @@ class Scheduler:
         job._notify()
 
     def _on_step(self, batch: list[Job]):
-        def on_step(done: int, total: int) -> None:
-            live = False
-            for job in batch:
+        def on_step(done: int, total: int) -> list[int]:
+            gone = []
+            for i, job in enumerate(batch):
                 if job.state == RUNNING:
-                    live = True
                     job.blocks_done, job.blocks_total = done, total
                     job._notify()
-            if not live:
+                else:
+                    gone.append(i)
+            if len(gone) == len(batch):
                 raise _Abandoned()
+            return gone
         return on_step
 
     def _run(self, batch: list[Job]) -> None:
@@ -226,7 +227,8 @@ class Scheduler:
         self._run_seconds = seconds if self._run_seconds is None else (
             0.7 * self._run_seconds + 0.3 * seconds)
         for job, images in zip(batch, outs):
-            self._settle(job, DONE, images=images)
+            if images is not None:
+                self._settle(job, DONE, images=images)
         if self.observer:
             self.observer.run_done(timer, sum(j.size for j in batch), seconds)
 

@@ -9,6 +9,8 @@ pipeline token for token (``tests/test_pipeline.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...checkpoint import BitDanceModel
@@ -37,6 +39,7 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     final_block_step = True
+    can_drop = True
 
     def __init__(self, model: BitDanceModel):
         self.model = model
@@ -83,6 +86,24 @@ class ReferenceBackend(Backend):
         rows = torch.cat([tokens] * (self.plan.rows // tokens.shape[0]))
         return torch.cat([block_step(self.model, rows[a:b], self.pe[block], self.pe[block + 1],
                                      cache) for a, b, cache in self.groups])
+
+    def drop(self, keep, cond):
+        """Keep only the rows of the kept images in every prompt's cache."""
+        plan, b = self.plan, self.plan.images
+        rows = keep + ([b + i for i in keep] if plan.cfg else [])
+        groups, start = [], 0
+        for a, e, cache in self.groups:
+            local = [r - a for r in rows if a <= r < e]
+            if not local:
+                continue
+            index = torch.tensor(local, device=self.device)
+            cache.k = [t.index_select(0, index) for t in cache.k]
+            cache.v = [t.index_select(0, index) for t in cache.v]
+            groups.append((start, start + len(local), cache))
+            start += len(local)
+        self.groups = groups
+        self.plan = dataclasses.replace(plan, cond_ids=tuple(plan.cond_ids[i] for i in keep))
+        return cond.index_select(0, torch.tensor(rows, device=self.device))
 
     def decode(self, tokens, noise):
         return decode_tokens(self.model, tokens, self.plan.h, self.plan.w, noise)

@@ -14,6 +14,8 @@ captures again, after the memory check.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...checkpoint import BitDanceModel
@@ -31,6 +33,7 @@ PROMPT_ROOM = 256
 
 class TorchBackend(Backend):
     name = "torch"
+    can_drop = True
 
     def __init__(self, model: BitDanceModel, cuda_graphs: bool | None = None,
                  compile: bool = False, use_plugin: bool = True, emulate_graphs: bool = False):
@@ -141,6 +144,32 @@ class TorchBackend(Backend):
         """``[B, ...]`` -> ``[images, ...]`` with zero rows for the spare images."""
         pad = self.images - x.shape[0]
         return x if pad == 0 else torch.cat([x, x.new_zeros((pad,) + tuple(x.shape[1:]))])
+
+    def drop(self, keep: list[int], cond: torch.Tensor) -> torch.Tensor:
+        """Move the kept images' rows (cache, lengths, condition) to the front; with graphs
+        the captured batch stays and the spare rows grow."""
+        plan, halves = self.plan, 2 if self.plan.cfg else 1
+        images = self.images if self.graphs else len(keep)
+        src = []
+        for h in range(halves):
+            kept = [h * self.images + i for i in keep]
+            src += kept + [kept[0]] * (images - len(keep))
+        idx = torch.tensor(src, device=self.device)
+        old, used = self.cache, max(self.cache.lens_host)
+        k = old.k[:, :, :, :used].index_select(1, idx)
+        v = old.v[:, :, :, :used].index_select(1, idx)
+        lens, lens_host = old.lens.index_select(0, idx), [old.lens_host[i] for i in src]
+        self.plan = dataclasses.replace(plan, cond_ids=tuple(plan.cond_ids[i] for i in keep))
+        self.images = images
+        rows = images * halves
+        if rows not in self._views:
+            self._views[rows] = self.storage.rows(0, rows)
+        self.cache = self._views[rows]
+        self.cache.k[:, :, :, :used].copy_(k)
+        self.cache.v[:, :, :, :used].copy_(v)
+        self.cache.lens.copy_(lens)
+        self.cache.lens_host = lens_host
+        return cond.index_select(0, idx)
 
     # -- LLM -------------------------------------------------------------------------------
 
