@@ -21,6 +21,7 @@ from .errors import CheckpointError
 from .models.autoencoder import AEConfig, BinaryAutoencoder
 from .models.head import DiffusionHead, HeadConfig
 from .models.projector import Projector
+from .models.quant import read_layout, stored_dtypes, swap_modules
 from .models.qwen3 import Qwen3Config, Qwen3ForCausalLM, rope_inv_freq
 from .spec import ModelInfo, ModelSpec, PRESETS, preset  # noqa: F401  (re-exported)
 
@@ -108,6 +109,7 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
     from safetensors import safe_open
 
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    stored = stored_dtypes(module)  # quantized weights keep their format's dtype
     some_file = next(iter(files.values()), None)
     missing = sorted(set(expected) - set(files))
     if missing:
@@ -144,7 +146,11 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
                 except Exception as e:
                     raise CheckpointError(f"{f} cannot be read ({e}); the file is damaged or "
                                           "incomplete: download it again") from None
-                state[k] = tensor.to(device=device, dtype=dtype)
+                if k in stored and tensor.dtype != stored[k]:
+                    raise CheckpointError(
+                        f"{f.name}: key {k!r} is {tensor.dtype}, the checkpoint's quantization."
+                        f"json says {stored[k]}; re-run `bitdance-export quantize`")
+                state[k] = tensor.to(device=device, dtype=stored.get(k, dtype))
     module.load_state_dict(state, strict=not skip, assign=True)
     return module
 
@@ -207,7 +213,8 @@ def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: b
     if not weights:
         return BitDanceModel(spec, None, None, None, None, tokenizer, dtype, device, d, extras)
 
-    llm = _on_meta(lambda: Qwen3ForCausalLM(spec.llm))
+    layout = read_layout(d)  # a quantized checkpoint: its QuantLinear layers go in first
+    llm = swap_modules(_on_meta(lambda: Qwen3ForCausalLM(spec.llm)), layout, "language model")
     llm_files = {k: f for k, f in _llm_files(d).items()
                  if not (m := _LAYER_KEY.match(k)) or int(m.group(1)) < spec.llm.num_hidden_layers}
     _load_tensors(llm_files, llm, dtype, device, "language model", skip=("lm_head.",))
@@ -216,7 +223,7 @@ def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: b
         "inv_freq", rope_inv_freq(spec.llm.head_dim, spec.llm.rope_theta).to(device),
         persistent=False)
 
-    head = _on_meta(lambda: DiffusionHead(spec.head))
+    head = swap_modules(_on_meta(lambda: DiffusionHead(spec.head)), layout, "diffusion head")
     _load_tensors(_module_files(d / "vision_head.safetensors"), head, dtype, device,
                   "diffusion head")
     proj = _on_meta(lambda: Projector(spec.ae.z_channels, spec.llm.hidden_size))
