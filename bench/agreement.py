@@ -50,13 +50,13 @@ def main(argv=None):
     if args.cases:
         cases = [(int(c.split(":")[0]), *map(int, c.split(":")[1].split("x")))
                  for c in args.cases.split(",")]
-    dtypes = (args.dtypes or ("float32,bfloat16" if args.device.startswith("cuda") else "float32"))
+    names = (args.dtypes or ("float32,bfloat16" if args.device.startswith("cuda") else "float32"))
     rows = []
     print(f"{'P':>3}{'size':>10}{'dtype':>10}{'tokens':>9}{'pixels':>9}{'seconds':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for p, height, width in cases:
             ckpt = make_tiny(Path(tmp) / f"tiny{p}", parallel_num=p, seed=p)
-            for dtype in dtypes.split(","):
+            for dtype in names.split(","):
                 t0 = time.perf_counter()
                 model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype), device=args.device)
                 req = GenerationRequest("agreement", height, width, args.steps, args.guidance,
