@@ -73,7 +73,7 @@ def main(argv=None):
                 sec = time.perf_counter() - t0
                 rows.append(dict(parallel_num=p, height=height, width=width, dtype=dtype,
                                  identical_tokens=same_tok, identical_pixels=same_px,
-                                 cuda_graphs=be.cuda_graphs))
+                                 cuda_graphs=be.graphs))
                 print(f"{p:>3}{f'{height}x{width}':>10}{dtype:>10}{same_tok:>8.2%}{same_px:>8.2%}"
                       f"{sec:>9.1f}", flush=True)
     out = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
