@@ -52,7 +52,7 @@ def synthetic_plan(spec, h, w, images, steps, guidance) -> ImagePlan:
 
 
 def make_runner(name, model, args):
-    engine_dir = args.engine_dir if name == "onnxruntime" else None
+    engine_dir = args.engine_dir if name in ("onnxruntime", "tensorrt") else None
     be = make_backend(name, model, engine_dir, args.cuda_graphs, args.compile)
     run = lambda plan, timer: generate(be, plan, args.seed, timer)  # noqa: E731
     run.backend = be
@@ -147,7 +147,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="mid", help="tiny, mid, 14b-64x, 14b-16x")
     ap.add_argument("--weights", default="random", help="'random' or a checkpoint directory")
-    ap.add_argument("--backends", default="reference,torch")
+    ap.add_argument("--backends", default="reference,torch",
+                    help="comma-separated: reference, torch, onnxruntime, tensorrt")
     ap.add_argument("--height", type=int, default=512)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
@@ -160,7 +161,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--engine-dir", default=None)
+    ap.add_argument("--recipe", default=None,
+                    help="quantize the model first (fp8-weight, fp8, int8-weight, int8-sq; "
+                    "random weights get placeholder activation scales: for timing only)")
+    ap.add_argument("--engine-dir", default=None,
+                    help="onnxruntime and tensorrt: an export directory (bitdance-export; with "
+                    "the engines of `bitdance-export build` in its engines/ for tensorrt)")
     ap.add_argument("--replay", type=int, default=20,
                     help="alternating first/last block-step pairs for the growth check (0: off)")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -172,6 +178,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.weights == "random":
         model = random_model(preset(args.preset), dtype=dtype, device=args.device, seed=args.seed)
+        if args.recipe:
+            from bitdance_rt.calibration.quantize import quantize_model
+
+            quantize_model(model, args.recipe, placeholder_stats=True)
         plan = synthetic_plan(model.spec, h, w, args.num_images, args.steps, args.guidance)
     else:
         model = load_checkpoint(args.weights, dtype=dtype, device=args.device)
@@ -238,7 +248,7 @@ def main(argv=None):
                       "width": args.width, "steps": args.steps, "guidance": args.guidance,
                       "num_images": args.num_images, "repeats": args.repeats,
                       "dtype": dtype_name, "cuda_graphs": args.cuda_graphs,
-                      "compile": args.compile, "model": model.spec.name},
+                      "compile": args.compile, "recipe": args.recipe, "model": model.spec.name},
            "machine": {**machine_info(args.device),
                        **({"weight_floor": floor} if floor else {})}}
     if args.json:

@@ -69,17 +69,17 @@ def test_block_step_exports_with_plugin_nodes(tiny_ckpt, tmp_path):
     pytest.importorskip("onnxscript")
     from bitdance_rt.checkpoint import load_checkpoint
     from bitdance_rt.export import block_step
-    from bitdance_rt.export.attention import attention_fn, attention_translations
+    from bitdance_rt.export.attention import attention_translations
     from bitdance_rt.export.common import OPSET, export_onnx
 
     model = load_checkpoint(tiny_ckpt)
-    gdef = block_step.graph_def(model, attention_fn("plugin"))
+    gdef = block_step.graph_def(model, "plugin")
     files = export_onnx(gdef, tmp_path, OPSET, attention_translations("plugin"))
     proto = onnx.load(str(tmp_path / files[0]))
     nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
     assert len(nodes) == model.spec.llm.num_hidden_layers
     onnx.checker.check_model(str(tmp_path / files[0]), full_check=True)
-    standard = block_step.graph_def(model, attention_fn("standard"))
+    standard = block_step.graph_def(model, "standard")
     with torch.no_grad():
         a = gdef.module(*gdef.example.values())
         b = standard.module(*standard.example.values())

@@ -1,4 +1,4 @@
-"""``bitdance-export``: export (the app's own command), ``check``, ``make-tiny``."""
+"""``bitdance-export``: export (the app's own command), ``build``, ``check``, ``make-tiny``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,24 @@ from ..errors import BitDanceError
 from .app import DEBUG_OPTION, export_app
 
 
-@export_app.callback()
+EXPORT_HELP = """Export a BitDance checkpoint to ONNX graphs (prefill, block_step,
+head_prepare, head_step, decoder) and a manifest; optionally build TensorRT engines from them.
+
+\b
+Usage:
+  bitdance-export --checkpoint CKPT --out DIR             ONNX graphs + manifest.json
+  bitdance-export --checkpoint CKPT --out DIR --engines   ... and TensorRT engines
+  bitdance-export build DIR [--target sm89]               engines for an existing export
+  bitdance-export check DIR                               compare every graph with PyTorch
+  bitdance-export make-tiny DIR                           a small random test checkpoint
+
+\b
+Then: bitdance-rt generate --backend onnxruntime --engine-dir DIR ...
+      bitdance-rt generate --backend tensorrt --engine-dir DIR ...  (CUDA GPU)
+"""
+
+
+@export_app.callback(help=EXPORT_HELP, invoke_without_command=True)
 def export_main(
     ctx: typer.Context,
     debug: bool = DEBUG_OPTION,
@@ -22,38 +39,100 @@ def export_main(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c", help="Checkpoint directory (released layout) to export."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory for the "
-                                       "ONNX graphs and manifest.json."),
+                                       "ONNX graphs and manifest.json: new, empty or an "
+                                       "earlier export (replaced only when the new one is "
+                                       "complete)."),
     dtype: str = typer.Option("fp32", help="Weight and KV dtype of the graphs: fp32, fp16 or "
                               "bf16 (bf16 runs on CUDA only in ONNX Runtime)."),
     max_batch: int = typer.Option(4, "--max-batch", help="Most images per call the graphs "
                                   "are meant for (recorded in the manifest; the runtime "
                                   "checks it)."),
     max_seq: int = typer.Option(4608, "--max-seq", help="Most KV slots per sequence (prompt + "
-                                "image tokens; recorded and checked)."),
+                                "image tokens; recorded and checked; the static cache length "
+                                "of --attention native graphs)."),
     num_layers: Optional[int] = typer.Option(
         None, "--num-layers", help="Keep only the first K LLM layers (full-width test "
         "exports); such a directory is refused for generation."),
-    attention: str = typer.Option("standard", help="standard (ONNX operators; runs in ONNX "
-                                  "Runtime) or plugin (custom bitdance::kv_attention node for the TensorRT plugin)."),
+    attention: Optional[str] = typer.Option(
+        None, help="standard (plain ONNX operators), native (ONNX Attention + TensorScatter, "
+        "the cache written in place: TensorRT's own layers; runs in ONNX Runtime too) or "
+        "plugin (the bitdance::kv_attention node for datacenter TensorRT's plugin). Default: "
+        "native with --engines, else standard."),
+    engines: bool = typer.Option(False, "--engines", help="Also build TensorRT engines into "
+                                 "OUT/engines (see `bitdance-export build --help`)."),
+    target: str = typer.Option("auto", help="With --engines: GPU target of the engines."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache",
+                                                help="With --engines: TensorRT timing cache "
+                                                "file (read and updated)."),
+    opt_size: Optional[str] = typer.Option(None, "--opt-size", help="With --engines: image "
+                                           "size HxW the engines are tuned for."),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="With --engines: "
+                                            "images per call the engines are tuned for."),
+    trt: Optional[str] = typer.Option(None, "--trt", help="With --engines: tensorrt or "
+                                      "tensorrt_rtx (default: whichever imports; env "
+                                      "BITDANCE_TRT)."),
 ):
-    """Export a checkpoint to ONNX graphs (prefill, block_step, head_prepare, head_step,
-    decoder) and a manifest: `bitdance-export --checkpoint DIR --out DIR`. Subcommands below."""
     if ctx.invoked_subcommand is not None:
         return
     if checkpoint is None and out is None:
-        typer.echo(ctx.get_help())
-        return
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(2)
     if checkpoint is None or out is None:
         raise BitDanceError("exporting needs both --checkpoint DIR and --out DIR")
     from ..export import export_checkpoint
+    from ..export.build import export_with_engines
 
+    settings = dict(model_name=model, dtype=dtype, num_layers=num_layers, max_batch=max_batch,
+                    max_seq=max_seq, progress=typer.echo)
     start = time.perf_counter()
-    manifest = export_checkpoint(checkpoint, out, model_name=model, dtype=dtype,
-                                 num_layers=num_layers, attention=attention,
-                                 max_batch=max_batch, max_seq=max_seq, progress=typer.echo)
+    if engines:
+        build = {"target": target, "timing_cache": timing_cache, "opt_size": opt_size,
+                 "opt_batch": opt_batch, "flavor": trt}
+        manifest = export_with_engines(checkpoint, out, build=build,
+                                       attention=attention or "native", **settings)
+    else:
+        manifest = export_checkpoint(checkpoint, out, attention=attention or "standard",
+                                     **settings)
     size = sum(sum(g["files"].values()) for g in manifest["graphs"].values())
     typer.echo(f"wrote {out / 'manifest.json'} ({manifest['preset']}, {manifest['dtype']}, "
-               f"{size / 1e9:.2f} GB in all) in {time.perf_counter() - start:.1f}s")
+               f"--attention {manifest['attention']}, {size / 1e9:.2f} GB in all"
+               + (", engines in " + str(out / "engines") if engines else "")
+               + f") in {time.perf_counter() - start:.1f}s")
+
+
+@export_app.command("build")
+def build_cmd(
+    export_dir: Path = typer.Argument(..., help="Directory written by bitdance-export."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Engine directory (default: "
+                                       "EXPORT_DIR/engines; replaced only when complete)."),
+    target: str = typer.Option("auto", help="auto, sm75, sm80, sm86, sm89, sm90, sm100, sm120 "
+                               "or sm121. auto: TensorRT-RTX's portable engines (sm80 and "
+                               "later RTX cards) or datacenter TensorRT's visible GPU."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="TensorRT timing "
+                                                "cache file (read if present, then updated)."),
+    opt_size: Optional[str] = typer.Option(None, "--opt-size", help="Image size HxW in pixels "
+                                           "the engines are tuned for (default: the model's)."),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Images per call the "
+                                            "engines are tuned for (default 1)."),
+    trt: Optional[str] = typer.Option(None, "--trt", help="tensorrt (datacenter: H100/H200/"
+                                      "B200, plugins) or tensorrt_rtx (GeForce/RTX PRO, builds "
+                                      "without a GPU); default: whichever imports, or env "
+                                      "BITDANCE_TRT."),
+    debug: bool = DEBUG_OPTION,
+):
+    """Build one TensorRT engine per graph of an export (optimization profiles from its
+    manifest, strongly typed: the graphs' dtype), and engines.json."""
+    from ..export.build import build_engines
+
+    start = time.perf_counter()
+    info = build_engines(export_dir, out, target=target, timing_cache=timing_cache,
+                         opt_size=opt_size, opt_batch=opt_batch, flavor=trt,
+                         progress=typer.echo)
+    size = sum(e["bytes"] for e in info["engines"].values())
+    where = out or export_dir / "engines"
+    typer.echo(f"wrote {where / 'engines.json'} ({info['flavor']} {info['version']}, "
+               f"{', '.join(info['targets'])}, {size / 1e6:.1f} MB in all) in "
+               f"{time.perf_counter() - start:.1f}s")
 
 
 @export_app.command("check")

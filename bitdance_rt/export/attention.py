@@ -1,14 +1,22 @@
 """KV-cache attention inside exported LLM graphs, and the cache shim the Qwen3 model talks to.
 
-An exported graph never writes the KV cache: it reads the cache ``[S, Hkv, S_max, D]`` of each
+Three forms (``--attention``):
+
+- ``standard``: plain ONNX operators (below); runs everywhere, the runtime writes the cache.
+- ``native``:   ONNX ``Attention`` and ``TensorScatter`` over per-layer caches written in place
+                by the graph (:mod:`bitdance_rt.export.native`); TensorRT >= 10.15 and
+                TensorRT-RTX import them as their own layers; ONNX Runtime runs them too.
+- ``plugin``:   the custom ``bitdance::kv_attention`` node (datacenter TensorRT's plugin).
+
+A standard or plugin graph never writes the KV cache: it reads the cache ``[S, Hkv, S_max, D]`` of each
 layer plus per-sequence lengths ``cache_lens [S]``, attends over ``[0, cache_lens[s])`` of the
 cache and over the T new tokens (causal or block mask among them), and returns the new keys and
 values as outputs. The runtime writes those into its own buffer at ``cache_lens[s]`` (in place,
 through IO binding on CUDA). Scores against the cache and against the new tokens are computed
 separately and joined before the softmax, so the cache is read once per layer and never copied.
 
-Every layer calls :func:`attention_fn` (the ``--attention`` choice), so a custom node (issue 5,
-``--attention plugin``) replaces exactly one function.
+Every layer of such a graph calls :func:`attention_fn` (the ``--attention`` choice), so the
+custom node replaces exactly one function.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch
 from ..errors import BitDanceError
 from ..plugins.reference import attend
 
-ATTENTION_CHOICES = ("standard", "plugin")
+ATTENTION_CHOICES = ("standard", "native", "plugin")
 
 
 def standard_kv_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str):
@@ -29,26 +37,45 @@ def standard_kv_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: s
                   unseen_may_be_garbage=False)
 
 
+def check_attention(name: str) -> str:
+    if name not in ATTENTION_CHOICES:
+        raise BitDanceError(f"unknown --attention {name!r}; choose one of "
+                            f"{list(ATTENTION_CHOICES)}")
+    return name
+
+
 def attention_fn(name: str):
-    """The per-layer attention for ``--attention name``."""
-    if name == "standard":
-        return standard_kv_attention
+    """The per-layer attention of a standard or plugin graph (a native graph's layers attend
+    through :class:`~bitdance_rt.export.native.NativeKV` instead)."""
+    check_attention(name)
     if name == "plugin":
         from ..plugins.onnx_node import plugin_kv_attention
 
         return plugin_kv_attention
-    raise BitDanceError(f"unknown --attention {name!r}; choose one of {list(ATTENTION_CHOICES)}")
+    return standard_kv_attention
 
 
 def attention_translations(name: str) -> dict | None:
     """``custom_translation_table`` the exporter needs for ``--attention name`` (None for
-    standard operators; the ``bitdance::kv_attention`` node for the plugin)."""
-    attention_fn(name)
+    standard operators; the ``bitdance::kv_attention`` node for the plugin; the
+    ``TensorScatter`` node for native)."""
+    check_attention(name)
     if name == "plugin":
         from ..plugins.onnx_node import onnx_translation_table
 
         return onnx_translation_table()
+    if name == "native":
+        from .native import onnx_translation_table
+
+        return onnx_translation_table()
     return None
+
+
+def attention_opset(name: str, default: int) -> int:
+    """The ONNX opset of an export: native graphs need 24 (TensorScatter)."""
+    from .native import OPSET
+
+    return OPSET if check_attention(name) == "native" else default
 
 
 class GraphKV:

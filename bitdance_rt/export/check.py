@@ -45,18 +45,22 @@ class Row:
     passed: bool
 
 
-def cases(model, gen: torch.Generator) -> dict[str, list[tuple[str, dict]]]:
-    """Fresh random inputs: ragged lengths, with and without guidance, EM and final steps."""
+def cases(model, gen: torch.Generator, slots: int | None = None) -> dict[str, list[tuple[str, dict]]]:
+    """Fresh random inputs: ragged lengths, with and without guidance, EM and final steps.
+    ``slots``: the static cache length of a native export (None: standard graphs)."""
     def ri(lo, hi):
         return int(torch.randint(lo, hi + 1, (1,), generator=gen))
 
+    native = slots is not None
     lens = [ri(3, 24) for _ in range(3)]
     cache_lens = [ri(1, 30), ri(1, 30)]
     return {
-        "prefill": [(f"lens={lens}", prefill.random_inputs(model, gen, lens))],
+        "prefill": [(f"lens={lens}", prefill.random_inputs(model, gen, lens, slots))],
         "block_step": [
-            ("cfg", block_step.random_inputs(model, gen, 2, cache_lens * 2, 33)),
-            ("no-cfg", block_step.random_inputs(model, gen, 1, [ri(1, 30)], 31)),
+            ("cfg", block_step.random_inputs(model, gen, 2, cache_lens * 2, slots or 33,
+                                             native)),
+            ("no-cfg", block_step.random_inputs(model, gen, 1, [ri(1, 30)], slots or 31,
+                                                native)),
         ],
         "head_prepare": [
             ("cfg,N=6", head_prepare.random_inputs(model, gen, 4, 6)),
@@ -166,8 +170,9 @@ def _compare(graph, case, ort_session, ref_fn, feeds, dtype):
 
 
 def check_export(engine_dir, checkpoint=None, seed: int | None = None,
-                 graphs=GRAPHS) -> tuple[list[Row], int]:
-    """Compare every graph of ``engine_dir`` with PyTorch; returns (rows, seed used)."""
+                 graphs=GRAPHS, model=None) -> tuple[list[Row], int]:
+    """Compare every graph of ``engine_dir`` with PyTorch; returns (rows, seed used).
+    ``model``: the in-memory model it was exported from (instead of a checkpoint)."""
     import onnxruntime as ort
 
     d = Path(engine_dir)
@@ -178,16 +183,23 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
         raise EngineError(
             f"{d} holds {dtype} graphs, which ONNX Runtime's CPU provider cannot run; check an "
             "fp32 or fp16 export of the same checkpoint (--dtype fp32)")
-    ckpt = checkpoint or manifest.get("source", {}).get("checkpoint")
-    if not ckpt or not Path(ckpt).is_dir():
-        raise EngineError(f"check needs the checkpoint {d} was exported from; pass --checkpoint "
-                          "DIR" + (f" ({ckpt} does not exist)" if ckpt else ""))
-    model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype), num_layers=manifest.get("num_layers"))
+    if manifest.get("attention") == "plugin":
+        raise EngineError(
+            f"{d} was exported with --attention plugin, whose custom node ONNX Runtime cannot "
+            "run; check an --attention native (or standard) export of the same checkpoint")
+    if model is None:
+        ckpt = checkpoint or manifest.get("source", {}).get("checkpoint")
+        if not ckpt or not Path(ckpt).is_dir():
+            raise EngineError(f"check needs the checkpoint {d} was exported from; pass "
+                              "--checkpoint DIR" + (f" ({ckpt} does not exist)" if ckpt else ""))
+        model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype),
+                                num_layers=manifest.get("num_layers"))
+        check_weights(manifest, ckpt, d)
     check_model(manifest, model.spec, d)
-    check_weights(manifest, ckpt, d)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
-    all_cases = cases(model, gen)
+    slots = manifest.get("cache_slots") if manifest.get("attention") == "native" else None
+    all_cases = cases(model, gen, slots)
     rows = []
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -9,6 +9,7 @@ and takes custom-op translations (``custom_translation_table``) for the plugin n
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -20,8 +21,11 @@ import torch
 
 from .. import dtypes
 from ..errors import BitDanceError
+from ..files import check_writable_dir
+from ..manifest import MANIFEST
 
-OPSET = 18
+OPSET = 18  # standard and plugin graphs; native ones need 24 (attention.attention_opset)
+
 
 def export_dtype(name: str) -> torch.dtype:
     """The torch dtype of ``--dtype`` (fp32, fp16, bf16)."""
@@ -49,6 +53,45 @@ class GraphDef:
         return f"{self.name}.onnx"
 
 
+def check_out_dir(out: Path, what: str = "export", marker: str = MANIFEST) -> None:
+    """``out`` may be written: new, empty, or an earlier output of the same kind (which is
+    replaced when the new one is complete); its parent is writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BitDanceError(f"--out {out} is a file; name a new or empty directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise BitDanceError(
+            f"--out {out} is not empty and holds no {marker}, so it is not an earlier "
+            f"{what}; bitdance-export replaces only its own outputs: name a new or empty "
+            "directory")
+    try:  # the staging directory is made beside out
+        check_writable_dir(out.absolute().parent)
+    except BitDanceError as e:
+        raise BitDanceError(f"cannot write --out {out}: {e}; choose a writable place") from None
+
+
+def native_cache_feeds(model, gen: torch.Generator, rows: int, slots: int) -> dict:
+    """Random per-layer caches ``[rows, Hkv, slots, D]`` (model dtype) of a native LLM graph,
+    named as its inputs (:func:`bitdance_rt.manifest.cache_inputs`)."""
+    from ..manifest import cache_inputs
+
+    cfg = model.spec.llm
+    shape = (rows, cfg.num_key_value_heads, slots, cfg.head_dim)
+    return {name: torch.randn(shape, generator=gen).to(model.dtype)
+            for name in cache_inputs(cfg.num_hidden_layers)}
+
+
+def write_slots(cache: torch.Tensor, new: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """A copy of ``cache [S, H, S_max, D]`` with ``new [S, H, T, D]`` written at slots
+    ``[at[s], at[s] + T)`` (the expected content of a native graph's cache output), through the
+    PyTorch owner of the cache write."""
+    from ..plugins.reference import write_kv_ref
+
+    out = cache.clone()
+    write_kv_ref(new, new, out, out, at)
+    return out
+
+
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints its progress and warns about deprecated internals; keep the CLI's
@@ -71,6 +114,20 @@ def _quiet():
             lg.setLevel(lvl)
 
 
+def _dynamic_shapes(gdef: GraphDef) -> tuple:
+    """``gdef.dynamic`` in the structure of the forward's arguments (a native graph's caches
+    are its ``*caches``: one entry holding a list)."""
+    names = list(gdef.example)
+    shapes = []
+    for i, param in enumerate(inspect.signature(gdef.module.forward).parameters.values()):
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            shapes.append(tuple(gdef.dynamic.get(n) for n in names[i:]))
+            break
+        if i < len(names):
+            shapes.append(gdef.dynamic.get(names[i]))
+    return tuple(shapes)
+
+
 def export_onnx(gdef: GraphDef, out_dir: Path, opset: int = OPSET,
                 translations: dict | None = None) -> list[str]:
     """Export ``gdef`` to ``out_dir/<name>.onnx`` (plus ``<name>.onnx.data`` for large
@@ -85,7 +142,8 @@ def export_onnx(gdef: GraphDef, out_dir: Path, opset: int = OPSET,
             program = torch.onnx.export(
                 gdef.module, tuple(gdef.example.values()), dynamo=True,
                 input_names=list(gdef.example), output_names=list(gdef.outputs),
-                dynamic_shapes=gdef.dynamic, opset_version=opset, optimize=True,
+                dynamic_shapes=_dynamic_shapes(gdef),
+                opset_version=opset, optimize=True,
                 custom_translation_table=translations)
             # torch writes the weights to <name>.onnx.data when they pass 1.5 GB (protobuf
             # cannot hold 2 GB)

@@ -1,4 +1,12 @@
-"""``bitdance-export``: a checkpoint to the ONNX graphs of ``GRAPHS`` and ``manifest.json``."""
+"""``bitdance-export``: a checkpoint to the ONNX graphs of ``GRAPHS`` and ``manifest.json``
+(and, through ``finish``, whatever else belongs in the same directory before it is put in
+place: the TensorRT engines of :func:`bitdance_rt.export.build.export_with_engines`).
+
+The export is written to a staging directory beside ``--out`` that replaces it only when
+complete, so an interrupted or failed re-export leaves the previous export intact. ``--out``
+must be new, empty or an earlier export: a directory of other files is refused, never mixed
+into or replaced.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +19,12 @@ import torch
 
 from ..checkpoint import BitDanceModel, load_checkpoint, weights_fingerprint
 from ..errors import BitDanceError
+from ..files import staged_directory
 from . import block_step, decoder, head_prepare, head_step, prefill
-from .attention import attention_fn, attention_translations
+from .attention import attention_opset, attention_translations, check_attention
 from .. import dtypes
-from .common import OPSET, export_dtype, export_onnx
-from ..manifest import GRAPHS, MANIFEST
+from .common import OPSET, check_out_dir, export_dtype, export_onnx
+from ..manifest import GRAPHS
 from .manifest import describe_graph, tool_versions, write_manifest
 from .source import identify_preset, resolve_preset
 
@@ -24,32 +33,47 @@ DEFAULT_MAX_BATCH = 4
 DEFAULT_MAX_SEQ = 4608
 
 
-def graph_defs(model: BitDanceModel, attention: str):
-    """Every graph of ``GRAPHS``, built lazily (each wraps modules of ``model``)."""
-    attend = attention_fn(attention)
-    return {"prefill": lambda: prefill.graph_def(model, attend),
-            "block_step": lambda: block_step.graph_def(model, attend),
+def graph_defs(model: BitDanceModel, attention: str, slots: int):
+    """Every graph of ``GRAPHS``, built lazily (each wraps modules of ``model``); a native
+    export's caches have ``slots`` slots."""
+    return {"prefill": lambda: prefill.graph_def(model, attention, slots),
+            "block_step": lambda: block_step.graph_def(model, attention, slots),
             "head_prepare": lambda: head_prepare.graph_def(model),
             "head_step": lambda: head_step.graph_def(model),
             "decoder": lambda: decoder.graph_def(model)}
 
 
+def check_settings(attention: str, max_batch: int, max_seq: int) -> None:
+    check_attention(attention)  # fail before any work on an unavailable choice
+    if max_batch < 1 or max_seq < 1:
+        raise BitDanceError("--max-batch and --max-seq must be positive")
+
+
 def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = None,
                  attention: str = "standard", max_batch: int = DEFAULT_MAX_BATCH,
                  max_seq: int = DEFAULT_MAX_SEQ, opset: int = OPSET,
-                 source: dict | None = None,
+                 source: dict | None = None, finish: Callable[[Path], None] | None = None,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Write the graphs of ``model`` (already in the export dtype, on the CPU) and the
-    manifest into ``out_dir``; returns the manifest. ``progress`` gets one line per graph."""
-    dtype_name = dtypes.short_name(model.dtype)
-    if max_batch < 1 or max_seq < 1:
-        raise BitDanceError("--max-batch and --max-seq must be positive")
-    attention_fn(attention)  # fail before any work on an unavailable choice
+    manifest into ``out_dir`` (staged: see the module docstring); returns the manifest.
+    ``finish(stage)`` runs on the complete staging directory before it replaces ``out_dir``.
+    ``progress`` gets one line per graph."""
+    check_settings(attention, max_batch, max_seq)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a half-written directory has no manifest
+    check_out_dir(out)
+    with staged_directory(out) as stage:
+        manifest = _write_export(model, stage, preset_name, attention, max_batch, max_seq,
+                                 attention_opset(attention, opset), source, progress)
+        if finish is not None:
+            finish(stage)
+    return manifest
+
+
+def _write_export(model, out: Path, preset_name, attention, max_batch, max_seq, opset, source,
+                  progress) -> dict:
+    dtype_name = dtypes.short_name(model.dtype)
     say = progress or (lambda line: None)
-    defs = graph_defs(model, attention)
+    defs = graph_defs(model, attention, max_seq)
     translations = attention_translations(attention)
     written = {}
     for i, name in enumerate(GRAPHS):
@@ -76,7 +100,11 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
         "dtype": dtype_name,
         "opset": opset,
         "attention": attention,
+        # a native graph's caches have exactly this many slots (static); else any number
+        "cache_slots": max_seq if attention == "native" else None,
         "limits": {"max_batch": max_batch, "max_rows": 2 * max_batch, "max_seq": max_seq},
+        "sizes": [list(s) for s in spec.info.sizes],
+        "default_size": [spec.info.defaults.height, spec.info.defaults.width],
         "source": source or {},
         "tools": tool_versions(),
         "graphs": written,
@@ -88,10 +116,11 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
 def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
                       dtype: str = "fp32", num_layers: int | None = None,
                       attention: str = "standard", max_batch: int = DEFAULT_MAX_BATCH,
-                      max_seq: int = DEFAULT_MAX_SEQ,
+                      max_seq: int = DEFAULT_MAX_SEQ, finish: Callable[[Path], None] | None = None,
                       progress: Callable[[str], None] | None = None) -> dict:
     """Load ``checkpoint`` (only the first ``num_layers`` LLM layers when given) in ``dtype``
-    and export it (see :func:`export_model`)."""
+    and export it (see :func:`export_model`). Every setting and the output directory are
+    checked before the weights load."""
     from ..checkpoint import read_spec
 
     ckpt = Path(checkpoint)
@@ -99,7 +128,8 @@ def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
     spec = read_spec(ckpt)
     name = resolve_preset(spec, model_name, ckpt)
     spec.truncated(num_layers)  # validate before loading
-    attention_fn(attention)
+    check_settings(attention, max_batch, max_seq)
+    check_out_dir(Path(out_dir))
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
     model = load_checkpoint(ckpt, dtype=torch_dtype, num_layers=num_layers)
@@ -108,5 +138,5 @@ def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
         + f") in {time.perf_counter() - t0:.1f}s")
     with torch.no_grad():
         return export_model(model, out_dir, preset_name=name, attention=attention,
-                            max_batch=max_batch, max_seq=max_seq,
+                            max_batch=max_batch, max_seq=max_seq, finish=finish,
                             source={"checkpoint": str(ckpt.resolve())}, progress=progress)

@@ -4,9 +4,9 @@ reading and verifying one is :mod:`bitdance_rt.manifest`, which the runtime uses
 It records the preset, the config hash of the exported model (``ModelSpec.config_hash()``, of
 the truncated model when ``--num-layers`` was given, with the checkpoint's own hash beside it),
 the dtype, opset, attention, the supported envelope (``max_batch``, ``max_seq``), tool versions,
-and per graph its files with their sizes and every input and output with shape, dtype and
-dynamic axes, and a fingerprint of the checkpoint's weights
-(:func:`~bitdance_rt.checkpoint.weights_fingerprint`).
+and per graph its files with their sizes and content hashes (sha256: the runtime refuses a
+file that changed) and every input and output with shape, dtype and dynamic axes, and a
+fingerprint of the checkpoint's weights (:func:`~bitdance_rt.checkpoint.weights_fingerprint`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..manifest import FORMAT, MANIFEST
+from ..manifest import FORMAT, MANIFEST, remember_hashes, sha256_file
 
 
 def tool_versions() -> dict:
@@ -52,8 +52,10 @@ def describe_graph(out_dir: Path, files: list[str]) -> dict:
         axes = {str(i): d for i, d in enumerate(v["shape"]) if isinstance(d, str)}
         if axes:
             dynamic[v["name"]] = axes
+    hashes = {f: sha256_file(out_dir / f) for f in files}
+    remember_hashes(out_dir, hashes)  # the first run after the export need not rehash
     return {"file": files[0], "files": {f: (out_dir / f).stat().st_size for f in files},
-            "inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic,
+            "sha256": hashes, "inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic,
             "external_data": len(files) > 1}
 
 

@@ -1,0 +1,197 @@
+"""The TensorRT backend: the engines of ``bitdance-export build`` (TensorRT or TensorRT-RTX)
+under the generic loop of :class:`~.graph_runtime.GraphRuntime`.
+
+- Torch CUDA tensors are the engines' inputs and outputs, bound by address
+  (``set_tensor_address``), no copies; execution is on torch's current stream.
+- The KV cache is aliased in place: a native engine's cache input and output are bound to the
+  same memory (TensorRT's KV cache update layer requires it).
+- The head sampling loop of a block (one ``head_prepare`` and N + 1 ``head_step`` enqueues) and
+  the block step are captured as CUDA graphs and replayed (``cuda_graphs``, default on).
+
+Before any CUDA work the engine directory is checked (:func:`bitdance_rt.manifest.check_engines`:
+engine files, the export copy, the export they came from), the model it was exported from (its
+config hash and weights fingerprint), the TensorRT flavor and version that built them, and the
+GPU's compute capability against the engines' targets; each refusal is an EngineError naming
+the fix.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from ... import trt as trt_compat
+from ...checkpoint import BitDanceModel
+from ...errors import EngineError
+from ...manifest import GRAPHS, check_engines, find_engine_dir, read_engines, read_manifest
+from ..graphs import capture
+from .graph_runtime import GraphRuntime
+
+ALIGN = 256  # bytes: what TensorRT requires of every tensor address
+
+
+def check_runtime(info: dict, flavor: trt_compat.Flavor, gpu: str | None, where,
+                  device_checked: bool = True) -> None:
+    """The engines were built by this TensorRT (flavor and version) and, with
+    ``device_checked``, for this GPU (``gpu``: its compute capability, None without one)."""
+    rebuild = f"rebuild them here with `bitdance-export build` ({where})"
+    built = f"{trt_compat.LABEL.get(info['flavor'], info['flavor'])} {info['version']}"
+    if info["flavor"] != flavor.name or info["version"] != flavor.version:
+        raise EngineError(f"the engines in {where} were built by {built}, but this runtime "
+                          f"has {flavor.label} {flavor.version} (engines run only with the "
+                          f"version that built them); install {built} or {rebuild}")
+    if not device_checked:
+        return
+    if gpu is None:
+        raise EngineError("--backend tensorrt runs on a CUDA GPU and none is visible; use "
+                          "--backend onnxruntime or torch on the CPU")
+    if gpu not in info["targets"]:
+        raise EngineError(f"the engines in {where} were built for {', '.join(info['targets'])}, "
+                          f"not for this GPU ({gpu}); {rebuild} with --target {gpu} (or auto)")
+
+
+class TensorRTBackend(GraphRuntime):
+    name = "tensorrt"
+
+    def __init__(self, model: BitDanceModel, engine_dir, cuda_graphs: bool = True,
+                 flavor: str | None = None):
+        d = find_engine_dir(engine_dir)
+        info = read_engines(d)
+        check_engines(info, d)
+        super().__init__(model, read_manifest(d), d)
+        self.engine_dir, self.info = d, info
+        self.flavor = trt_compat.load(flavor or info["flavor"])
+        check_runtime(info, self.flavor, None, d, device_checked=False)
+        if self.device.type != "cuda":
+            raise EngineError("--backend tensorrt runs on a CUDA GPU; pass --device cuda (or use "
+                              "--backend onnxruntime on the CPU)")
+        check_runtime(info, self.flavor, trt_compat.gpu_target(self.device), d)
+        self.max_steps_per_call = info.get("head_prepare_steps")
+        self.cuda_graphs = cuda_graphs
+        # -- CUDA work starts here (on the model's device, whichever is current) --
+        with torch.cuda.device(self.device):
+            self._load_engines(d, info)
+        self._head_graphs, self._block_graph = {}, None
+
+    def _load_engines(self, d, info) -> None:
+        self._logger = self.flavor.logger()
+        self.runtime = self.flavor.trt.Runtime(self._logger)
+        self.engines, self.contexts = {}, {}
+        for name in GRAPHS:
+            path = d / info["engines"][name]["file"]
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise EngineError(f"{self.flavor.label} cannot load engine {path} on this GPU; "
+                                  f"rebuild it with `bitdance-export build` for {self.device}")
+            names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+            self.check_inputs(name, names, path)
+            self.engines[name] = engine
+            self.contexts[name] = engine.create_execution_context()
+
+    def _graph_bytes(self, name: str) -> int:
+        return self.info["engines"][name]["bytes"]
+
+    def _run(self, name: str, inputs: dict, outputs: dict) -> None:
+        """Bind torch tensors by address and enqueue engine ``name`` on torch's stream.
+        TensorRT wants 256-byte aligned addresses: a view that is not (one step's 6
+        coefficients, a slice of the step times) goes through an aligned copy; the KV cache
+        (bound as input and output: in place) always is aligned."""
+        ctx = self.contexts[name]
+        aliased = {t.data_ptr() for t in outputs.values()}
+        keep, back = [], []
+        for key, t in inputs.items():
+            if not t.is_contiguous():
+                raise RuntimeError(f"{name}: input {key} must be contiguous")
+            if t.data_ptr() % ALIGN:
+                if t.data_ptr() in aliased:
+                    raise RuntimeError(f"{name}: the in-place tensor {key} is not aligned")
+                t = t.clone()  # torch's allocations are aligned
+                keep.append(t)
+            ctx.set_input_shape(key, tuple(t.shape))
+            ctx.set_tensor_address(key, t.data_ptr())
+        for key, t in outputs.items():
+            if t.data_ptr() % ALIGN:
+                tmp = torch.empty_like(t)
+                back.append((t, tmp))
+                t = tmp
+            ctx.set_tensor_address(key, t.data_ptr())
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        with torch.cuda.device(self.device):
+            ok = ctx.execute_async_v3(stream)
+        if not ok:
+            raise EngineError(f"{self.flavor.label} failed to run the {name} engine (shapes "
+                              "outside its profile?); rebuild the engines for this size")
+        for dst, tmp in back:  # ordered after the engine on the same stream
+            dst.copy_(tmp)
+
+    # -- CUDA graphs ----------------------------------------------------------------------------
+
+    def forget_plan(self) -> None:
+        self._head_graphs, self._block_graph = {}, None
+
+    def sample_head(self, cond: torch.Tensor, noise: list) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return super().sample_head(cond, noise)
+        key = (cond.shape[0], noise[0].shape[0])
+        if key not in self._head_graphs:
+            self._head_graphs[key] = HeadLoopGraph(self, cond, noise)
+        return self._head_graphs[key](cond, noise)
+
+    def block_step(self, tokens: torch.Tensor, block: int) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return super().block_step(tokens, block)
+        self._reserve(self.parallel_num)
+        if self._block_graph is None or self._block_graph.batch != tokens.shape[0]:
+            self._block_graph = BlockStepGraph(self, tokens, block)
+            return self._block_graph.out.clone()  # the capture's warm-up did this block
+        return self._block_graph(tokens, block)
+
+
+class HeadLoopGraph:
+    """``head_prepare`` and the N + 1 ``head_step`` enqueues of one block as one CUDA graph,
+    over buffers it owns (condition and noise are copied in before each replay)."""
+
+    def __init__(self, be: TensorRTBackend, cond, noise):
+        self.cond = torch.empty_like(cond)
+        self.noise = torch.empty((len(noise),) + tuple(noise[0].shape), device=be.device)
+        self.copy_in(cond, noise)
+        self.graph = capture(
+            lambda: GraphRuntime.sample_head(be, self.cond, list(self.noise.unbind(0))))
+
+    def copy_in(self, cond, noise):
+        self.cond.copy_(cond)
+        self.noise.copy_(torch.stack(noise))
+
+    def __call__(self, cond, noise):
+        self.copy_in(cond, noise)
+        self.graph.replay()
+        return self.graph.out.clone()
+
+
+class BlockStepGraph:
+    """The block step as one CUDA graph: tokens and the two position embeddings are copied
+    into its buffers before each replay; the cache lengths advance on the device inside it.
+    Capturing runs the step once (the warm-up), which does the block it was made for."""
+
+    def __init__(self, be: TensorRTBackend, tokens, block: int):
+        self.be, self.batch = be, tokens.shape[0]
+        rows, p = be.cache_k.shape[1], be.parallel_num
+        self.tokens = tokens.float().clone()
+        self.pe = be.pe_blocks[block].clone()
+        self.pe_next = be.pe_blocks[block + 1].clone()
+        self.cond = torch.empty(rows, p, be.spec.llm.hidden_size, device=be.device)
+
+        def run():
+            be._block_step(self.tokens, self.pe, self.pe_next, self.cond)
+            return self.cond
+
+        self.graph = capture(run)  # the warm-up wrote this block and advanced the lengths once
+        self.out = self.cond
+
+    def __call__(self, tokens, block: int):
+        be = self.be
+        self.tokens.copy_(tokens)
+        self.pe.copy_(be.pe_blocks[block])
+        self.pe_next.copy_(be.pe_blocks[block + 1])
+        self.graph.replay()
+        return self.cond.clone()
