@@ -286,3 +286,20 @@ def check_engines(info: dict, engine_dir) -> None:
                               f"{export} (it was exported again since); {rebuild}")
         verify_hashes(export, info["export"]["onnx_sha256"], "graph file",
                       f"re-run `bitdance-export` into {export}, then rebuild the engines")
+
+
+def ort_session_options(manifest: dict, cpu: bool):
+    """ONNX Runtime session options for the graphs of ``manifest``: no spinning intra-op
+    threads on the CPU (the graphs alternate every block, and a spinning pool takes the cores
+    from the next graph's), and basic graph optimizations for E4M3 activation Q/DQ (ONNX
+    Runtime's default QDQ propagation moves an E4M3 tensor through a Transpose it has no CPU
+    kernel for)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if cpu:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if "fp8-activations" in (manifest.get("quantization") or ()):
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return opts

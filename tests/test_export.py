@@ -561,6 +561,6 @@ def test_full_width_14b_two_layers(tmp_path):
     t0 = time.perf_counter()
     rows, _ = check_export(d, seed=0, model=model,
                            graphs=("prefill", "block_step", "head_prepare", "decoder"))
-    print(check.format_table(rows, "fp16"), f"\n{time.perf_counter() - t0:.0f}s")
+    print(check.format_table(rows, {"dtype": "fp16"}), f"\n{time.perf_counter() - t0:.0f}s")
     assert {r.graph for r in rows} == {"prefill", "block_step", "head_prepare", "decoder"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]

@@ -150,7 +150,7 @@ def check_cmd(
     from ..manifest import read_manifest
 
     rows, used = check_export(engine_dir, checkpoint, seed)
-    typer.echo(format_table(rows, read_manifest(engine_dir)["dtype"]))
+    typer.echo(format_table(rows, read_manifest(engine_dir)))
     failed = [f"{r.graph}/{r.case}/{r.output}" for r in rows if not r.passed]
     typer.echo(f"seed {used}: {len(rows) - len(failed)}/{len(rows)} outputs within tolerance")
     if failed:

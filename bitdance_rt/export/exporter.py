@@ -21,6 +21,7 @@ from ..checkpoint import BitDanceModel, load_checkpoint, weights_fingerprint
 from ..errors import BitDanceError
 from ..files import staged_directory
 from . import block_step, decoder, head_prepare, head_step, prefill
+from . import qdq
 from .attention import attention_opset, attention_translations, check_attention
 from .. import dtypes
 from .common import OPSET, check_out_dir, export_dtype, export_onnx
@@ -62,8 +63,9 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
     out = Path(out_dir)
     check_out_dir(out)
     with staged_directory(out) as stage:
+        opset = qdq.required_opset(model, attention_opset(attention, opset))
         manifest = _write_export(model, stage, preset_name, attention, max_batch, max_seq,
-                                 attention_opset(attention, opset), source, progress)
+                                 opset, source, progress)
         if finish is not None:
             finish(stage)
     return manifest
@@ -74,7 +76,8 @@ def _write_export(model, out: Path, preset_name, attention, max_batch, max_seq, 
     dtype_name = dtypes.short_name(model.dtype)
     say = progress or (lambda line: None)
     defs = graph_defs(model, attention, max_seq)
-    translations = attention_translations(attention)
+    # the attention choice's custom nodes, and the Q/DQ pairs of a quantized checkpoint
+    translations = {**(attention_translations(attention) or {}), **qdq.onnx_translation_table()}
     written = {}
     for i, name in enumerate(GRAPHS):
         t0 = time.perf_counter()
@@ -100,6 +103,7 @@ def _write_export(model, out: Path, preset_name, attention, max_batch, max_seq, 
         "dtype": dtype_name,
         "opset": opset,
         "attention": attention,
+        "quantization": sorted(qdq.quantized_formats(model)) or None,
         # a native graph's caches have exactly this many slots (static); else any number
         "cache_slots": max_seq if attention == "native" else None,
         "limits": {"max_batch": max_batch, "max_rows": 2 * max_batch, "max_seq": max_seq},

@@ -23,9 +23,19 @@ QDQ_OPSET = 19  # QuantizeLinear / DequantizeLinear with float8 types and `satur
 
 
 def quantized_formats(model) -> set[str]:
-    """The weight formats of the quantized layers of a model ("fp8", "int8"; empty: none)."""
+    """What the quantized layers of a model quantize: "fp8" / "int8" for weights, and
+    "fp8-activations" / "int8-activations" where activations are quantized too (empty: a
+    float model). Recorded in the manifest (ONNX Runtime needs basic optimizations for E4M3
+    activations, and ``check`` one quantization step of tolerance for any)."""
     parts = [p for p in (getattr(model, "llm", None), getattr(model, "head", None)) if p]
-    return {m.fmt for p in parts for m in p.modules() if isinstance(m, QuantLinear)}
+    out = set()
+    for p in parts:
+        for m in p.modules():
+            if isinstance(m, QuantLinear):
+                out.add(m.fmt)
+                if m.activation:
+                    out.add(f"{m.fmt}-activations")
+    return out
 
 
 def required_opset(model, opset: int) -> int:

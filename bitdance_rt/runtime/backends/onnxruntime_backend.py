@@ -18,7 +18,7 @@ import torch
 from ... import dtypes
 from ...checkpoint import BitDanceModel
 from ...errors import EngineError
-from ...manifest import GRAPHS, check_files, read_manifest
+from ...manifest import GRAPHS, check_files, ort_session_options, read_manifest
 from .graph_runtime import GraphRuntime
 
 
@@ -61,13 +61,7 @@ class OnnxRuntimeBackend(GraphRuntime):
         import onnxruntime as ort
 
         path = self.engine_dir / self.manifest["graphs"][name]["file"]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.device.type == "cpu":
-            # Each session has its own intra-op threads, which by default keep spinning after a
-            # run; the spinning threads of the graph that just ran then take the cores from the
-            # next graph's (head_prepare, head_step and block_step alternate every block).
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = ort_session_options(self.manifest, self.device.type == "cpu")
         try:
             session = ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as e:  # ORT raises several types for unreadable or invalid models
