@@ -101,5 +101,5 @@ def test_plugin_registers():
 def test_register_without_tensorrt_says_how_to_install():
     if TRT_OK:
         pytest.skip("tensorrt is importable here")
-    with pytest.raises(ImportError, match=r"bitdance-rt\[trt\]"):
+    with pytest.raises(ImportError, match=r"pip install tensorrt.*--attention native"):
         register_plugin()

@@ -71,9 +71,10 @@ def generate(
     out: Path = typer.Option(Path("bitdance.png"), "--out", "-o",
                              help="Output PNG; with several images _0, _1, ... are appended."),
     backend: str = typer.Option("torch", help="torch (fast loop), reference (the eager "
-                                "baseline) or onnxruntime (needs --engine-dir)."),
+                                "baseline), onnxruntime or tensorrt (both need --engine-dir)."),
     engine_dir: Optional[Path] = typer.Option(
-        None, "--engine-dir", help="Directory written by bitdance-export (onnxruntime)."),
+        None, "--engine-dir", help="onnxruntime: a directory written by bitdance-export; "
+        "tensorrt: the same directory (or its engines/) after `bitdance-export build`."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the head loop and block step as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the head (torch)."),

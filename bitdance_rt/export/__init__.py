@@ -9,8 +9,10 @@
 - ``decoder``      latents to a uint8 image
 
 One module per graph (its wrapper, example and random inputs, and the PyTorch reference that
-``check`` compares against); ``exporter`` writes a directory, ``manifest`` describes and
-verifies one, ``check`` compares it with PyTorch through Polygraphy.
+``check`` compares against); ``exporter`` writes a directory, ``manifest`` describes it,
+``check`` compares it with PyTorch through Polygraphy, ``build`` turns its graphs into
+TensorRT engines (``bitdance-export build``), ``native`` and ``attention`` hold the forms of
+the KV attention, ``qdq`` the Q/DQ nodes of quantized checkpoints.
 """
 
 from .exporter import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ, export_checkpoint, export_model

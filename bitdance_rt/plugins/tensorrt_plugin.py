@@ -41,8 +41,10 @@ def tensorrt_status() -> tuple[bool, str]:
         import tensorrt  # noqa: F401
         import tensorrt.plugin  # noqa: F401
     except ImportError as e:
-        return False, (f"tensorrt is not importable ({e}); install the optional extra: "
-                       "pip install 'bitdance-rt[trt]' (TensorRT >= 10.8)")
+        return False, (f"tensorrt is not importable ({e}); the plugin needs datacenter "
+                       "TensorRT >= 10.8 (pip install tensorrt, from NVIDIA's package index); "
+                       "TensorRT-RTX, which bitdance-rt[trt] installs, has no plugins: use "
+                       "--attention native there")
     return True, ""
 
 
