@@ -1,0 +1,274 @@
+"""A model-free detector and prompt-adherence scorer for the shapes dataset (a GenEval in
+miniature).
+
+It never uses the generative model. From an image:
+
+1. every pixel gets the nearest of the eight palette colours;
+2. the background is the most common colour of the border ring;
+3. for each other colour, the mask is cleaned with a morphological opening (removes the thin
+   rings of blended colours along edges) and split into connected components; components
+   smaller than ``MIN_AREA`` of the image are ignored;
+4. each component's shape is the nearest prototype in (fill ratio of its bounding box, downward
+   offset of its centroid in the box): circle (pi/4, 0), square (1, 0), triangle (1/2, 1/6);
+5. its position is read from its centroid (centre if within ``CENTRE_RADIUS`` of the middle,
+   else left/right or top/bottom by the larger offset).
+
+:func:`check` then compares the detection to a caption's attributes, attribute by attribute
+(background; per object colour, shape and, when the caption states it, position), and
+:func:`score` aggregates over many images, overall and per attribute kind.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .shapes import COLOURS, PALETTE, POSITION_PHRASE, SHAPES
+
+KINDS = ("colour", "shape", "position", "background")
+MIN_AREA = 0.006        # fraction of the image a component needs to count as an object
+BORDER = 0.04           # width of the border ring that decides the background (fraction)
+CENTRE_RADIUS = 0.12    # centroid within this (max-norm, fraction of size) of the middle: centre
+# Shape prototypes in (fill ratio, centroid offset) space; the offset is weighted by OFFSET_W.
+PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 0.0), "triangle": (0.5, 1 / 6)}
+OFFSET_W = 2.0
+
+_PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions
+
+
+_COLOUR_RE = "|".join(COLOURS)
+_SHAPE_RE = "|".join(SHAPES)
+_POS_RE = "|".join(re.escape(p) for p in POSITION_PHRASE.values())
+_OBJECT_RE = rf"an? ({_COLOUR_RE}) ({_SHAPE_RE})(?: ({_POS_RE}))?"
+_CAPTION_RE = re.compile(
+    rf"^{_OBJECT_RE}(?: and {_OBJECT_RE})?,? on an? ({_COLOUR_RE}) background\.?$")
+_PHRASE_TO_POS = {v: k for k, v in POSITION_PHRASE.items()}
+
+
+def parse_caption(caption: str) -> dict:
+    """Caption -> ``{"background", "objects": [{"shape", "colour", "position"}]}``.
+
+    Accepts the dataset's grammar (case and extra spaces are ignored); raises ``ValueError``
+    naming the grammar otherwise."""
+    text = " ".join(caption.lower().replace(" ,", ",").split())
+    m = _CAPTION_RE.match(text)
+    if not m:
+        raise ValueError(
+            f"cannot read the caption {caption!r}: the shapes scorer understands "
+            "'a COLOUR SHAPE [POSITION] [and a COLOUR SHAPE [POSITION]], on a COLOUR background' "
+            f"with COLOUR in {list(COLOURS)}, SHAPE in {list(SHAPES)} and POSITION in "
+            f"{list(POSITION_PHRASE.values())}")
+    g = m.groups()
+    objects = []
+    for colour, shape, phrase in (g[0:3], g[3:6]):
+        if colour is None:
+            continue
+        objects.append({"shape": shape, "colour": colour,
+                        "position": _PHRASE_TO_POS[phrase] if phrase else None})
+    return {"background": g[6], "objects": objects}
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection
+
+
+@dataclass
+class Component:
+    colour: str
+    area: float          # fraction of the image
+    cx: float            # centroid, fractions of width / height
+    cy: float
+    fill: float          # area / bounding-box area
+    offset: float        # (centroid y - box centre y) / box height (triangles: ~ +1/6)
+    shape: str
+    position: str
+
+
+def palette_labels(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` -> ``[H, W]`` index of the nearest palette colour (RGB distance)."""
+    img = np.asarray(image, dtype=np.float32)[..., :3]
+    d = ((img[:, :, None, :] - _PALETTE_RGB[None, None]) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def background_colour(labels: np.ndarray) -> str:
+    h, w = labels.shape
+    b = max(1, int(round(BORDER * min(h, w))))
+    ring = np.concatenate([labels[:b].ravel(), labels[-b:].ravel(),
+                           labels[:, :b].ravel(), labels[:, -b:].ravel()])
+    return COLOURS[int(np.bincount(ring, minlength=len(COLOURS)).argmax())]
+
+
+def classify_shape(fill: float, offset: float) -> str:
+    best, dist = "circle", float("inf")
+    for name, (f0, o0) in PROTOTYPES.items():
+        d = (fill - f0) ** 2 + (OFFSET_W * (offset - o0)) ** 2
+        if d < dist:
+            best, dist = name, d
+    return best
+
+
+def position_of(cx: float, cy: float) -> str:
+    dx, dy = cx - 0.5, cy - 0.5
+    if max(abs(dx), abs(dy)) < CENTRE_RADIUS:
+        return "centre"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def detect(image: np.ndarray) -> dict:
+    """``{"background": colour, "objects": [Component, ...]}``, objects largest first."""
+    from scipy import ndimage
+
+    labels = palette_labels(image)
+    h, w = labels.shape
+    bg = background_colour(labels)
+    structure = np.ones((3, 3), dtype=bool)
+    opening = max(1, int(round(min(h, w) / 128)))  # 1 px at 128, 2 px at 256
+    found = []
+    for ci, colour in enumerate(COLOURS):
+        if colour == bg:
+            continue
+        mask = labels == ci
+        if mask.sum() < MIN_AREA * h * w:
+            continue
+        mask = ndimage.binary_opening(mask, structure, iterations=opening)
+        comp, n = ndimage.label(mask, structure)
+        if n == 0:
+            continue
+        areas = np.bincount(comp.ravel())[1:]
+        for k in np.nonzero(areas >= MIN_AREA * h * w)[0]:
+            ys, xs = np.nonzero(comp == k + 1)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            area = float(len(ys))
+            cy_px, cx_px = ys.mean() + 0.5, xs.mean() + 0.5
+            fill = area / float((y1 - y0) * (x1 - x0))
+            offset = (cy_px - (y0 + y1) / 2) / (y1 - y0)
+            cx, cy = cx_px / w, cy_px / h
+            found.append(Component(colour, area / (h * w), cx, cy, fill, offset,
+                                   classify_shape(fill, offset), position_of(cx, cy)))
+    found.sort(key=lambda c: -c.area)
+    return {"background": bg, "objects": found}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking and scoring
+
+
+def _as_attributes(caption_or_attrs) -> dict:
+    if isinstance(caption_or_attrs, str):
+        return parse_caption(caption_or_attrs)
+    return caption_or_attrs
+
+
+def check(image: np.ndarray, caption_or_attrs) -> list[dict]:
+    """Per-attribute results ``[{"kind", "object", "expected", "found", "ok"}]``.
+
+    Each caption object is matched to the largest unmatched component of its colour (colour
+    right); failing that, to the largest unmatched component of any colour (colour wrong, its
+    shape and position still judged); with no component left, every attribute of it is wrong.
+    """
+    attrs = _as_attributes(caption_or_attrs)
+    det = detect(image)
+    results = [{"kind": "background", "object": None, "expected": attrs["background"],
+                "found": det["background"], "ok": det["background"] == attrs["background"]}]
+    free = list(det["objects"])
+    matched: list[Component | None] = []
+    for obj in attrs["objects"]:
+        same = [c for c in free if c.colour == obj["colour"]]
+        comp = same[0] if same else None
+        matched.append(comp)
+        if comp is not None:
+            free.remove(comp)
+    for i, obj in enumerate(attrs["objects"]):
+        if matched[i] is None and free:
+            matched[i] = free.pop(0)
+    for i, (obj, comp) in enumerate(zip(attrs["objects"], matched)):
+        kinds = [("colour", "colour"), ("shape", "shape")]
+        if obj.get("position"):
+            kinds.append(("position", "position"))
+        for kind, key in kinds:
+            got = getattr(comp, key) if comp is not None else None
+            results.append({"kind": kind, "object": i, "expected": obj[key], "found": got,
+                            "ok": got == obj[key]})
+    return results
+
+
+def score(images, captions) -> dict:
+    """Fraction of caption attributes the images show: ``{"overall", "by_kind": {kind:
+    fraction}, "counts": {kind: attributes}, "all_right": fraction of images with every
+    attribute right, "images": n, "details": [per-image check() lists]}``."""
+    images = list(images)
+    captions = list(captions)
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    right = {k: 0 for k in KINDS}
+    total = {k: 0 for k in KINDS}
+    details, perfect = [], 0
+    for img, cap in zip(images, captions):
+        res = check(np.asarray(img), cap)
+        details.append(res)
+        perfect += all(r["ok"] for r in res)
+        for r in res:
+            total[r["kind"]] += 1
+            right[r["kind"]] += bool(r["ok"])
+    n_all = sum(total.values())
+    return {
+        "overall": sum(right.values()) / n_all if n_all else float("nan"),
+        "by_kind": {k: right[k] / total[k] if total[k] else float("nan") for k in KINDS},
+        "counts": total,
+        "all_right": perfect / len(images) if images else float("nan"),
+        "images": len(images),
+        "details": details,
+    }
+
+
+def format_score(result: dict) -> str:
+    """One line: overall and per kind."""
+    parts = [f"overall {result['overall']:.3f}"]
+    parts += [f"{k} {result['by_kind'][k]:.3f}" for k in KINDS if result["counts"][k]]
+    parts.append(f"all-right images {result['all_right']:.3f} of {result['images']}")
+    return ", ".join(parts)
+
+
+def score_files(paths, prompt: str) -> dict:
+    """:func:`score` of image files (PNG, ...) against one prompt; what ``bitdance-rt score
+    IMAGE... --prompt P`` reports."""
+    from PIL import Image
+
+    attrs = parse_caption(prompt)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    return score(images, [attrs] * len(images))
+
+
+def main(argv=None) -> int:
+    """``python -m bitdance_rt.demo.detect IMAGE... --prompt P``: per-attribute results."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Score images against a shapes prompt.")
+    ap.add_argument("images", nargs="+")
+    ap.add_argument("--prompt", required=True)
+    args = ap.parse_args(argv)
+    try:
+        res = score_files(args.images, args.prompt)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
+    for path, det in zip(args.images, res["details"]):
+        marks = ", ".join(f"{r['kind']}{'' if r['object'] is None else r['object'] + 1} "
+                          f"{r['expected']}: {'ok' if r['ok'] else 'saw ' + str(r['found'])}"
+                          for r in det)
+        print(f"{path}: {marks}")
+    print(format_score(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

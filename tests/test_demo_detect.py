@@ -1,0 +1,81 @@
+"""The model-free detector and scorer: right on the dataset's own images, low on wrong
+captions, tolerant of the blur a decoder adds."""
+
+import numpy as np
+import pytest
+
+from bitdance_rt.demo import detect, shapes
+
+
+def _set(n, size, start=0):
+    imgs, caps = [], []
+    for i in range(start, start + n):
+        img, cap, _ = shapes.sample(i, size)
+        imgs.append(img)
+        caps.append(cap)
+    return imgs, caps
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_ground_truth_scores_high(size):
+    imgs, caps = _set(150, size)
+    res = detect.score(imgs, caps)
+    assert res["overall"] >= 0.98
+    for kind in detect.KINDS:
+        assert res["by_kind"][kind] >= 0.97, (kind, res["by_kind"])
+    # heldout prompts as well
+    held = [shapes.sample(idx, size) for idx, _, _ in shapes.heldout(100)]
+    assert detect.score([h[0] for h in held], [h[1] for h in held])["overall"] >= 0.98
+
+
+def test_mismatched_captions_score_low():
+    imgs, caps = _set(150, 128)
+    shifted = caps[1:] + caps[:1]
+    res = detect.score(imgs, shifted)
+    assert res["overall"] < 0.4
+    assert res["all_right"] < 0.05
+
+
+def test_single_attribute_changes_are_caught():
+    img, cap, attrs = shapes.sample(4, 128)  # "a blue triangle in the centre, on a white ..."
+    a = shapes.caption_attributes(attrs)
+    assert all(r["ok"] for r in detect.check(img, a))
+    for key, value in (("colour", "red"), ("shape", "circle"), ("position", "left")):
+        wrong = {"background": a["background"], "objects": [dict(a["objects"][0], **{key: value})]}
+        res = {r["kind"]: r["ok"] for r in detect.check(img, wrong)}
+        assert not res[key] and sum(res.values()) == len(res) - 1, (key, res)
+    wrong_bg = dict(a, background="black")
+    res = {r["kind"]: r["ok"] for r in detect.check(img, wrong_bg)}
+    assert not res["background"]
+
+
+def test_blurred_and_noisy_images_still_score_high():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    imgs, caps = _set(100, 128, start=1000)
+    soft = []
+    for img in imgs:
+        x = ndimage.gaussian_filter(img.astype(np.float32), sigma=(1.5, 1.5, 0))
+        x += rng.normal(0, 8, x.shape)
+        soft.append(np.clip(x, 0, 255).astype(np.uint8))
+    assert detect.score(soft, caps)["overall"] >= 0.95
+
+
+def test_empty_image_gets_only_the_background():
+    img = np.zeros((128, 128, 3), np.uint8)
+    img[:] = shapes.PALETTE["green"]
+    res = detect.check(img, "a red circle on the left, on a green background")
+    assert [r["ok"] for r in res] == [True, False, False, False]
+
+
+def test_parse_caption():
+    a = detect.parse_caption("A red circle on the left and an orange square on the right, "
+                             "on a white background.")
+    assert a == {"background": "white", "objects": [
+        {"shape": "circle", "colour": "red", "position": "left"},
+        {"shape": "square", "colour": "orange", "position": "right"}]}
+    assert detect.parse_caption("a black triangle, on a yellow background")["objects"][0][
+        "position"] is None
+    with pytest.raises(ValueError, match="COLOUR SHAPE"):
+        detect.parse_caption("a lighthouse at dusk")
