@@ -167,7 +167,8 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
 
 def _stamp(path: Path) -> list:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    # ctime too: a write that restores the modification time (touch -r) still changes it
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def _read_verified(d: Path) -> dict:
@@ -198,8 +199,8 @@ def remember_hashes(d, hashes: dict) -> None:
 
 def verify_hashes(d, hashes: dict, what: str, fix: str) -> None:
     """Each file of ``hashes`` (relative to ``d``) has that sha256; a file whose size,
-    modification time and inode are those recorded when it was last verified is not read
-    again. Raises EngineError naming the first file that differs and ``fix``."""
+    modification and change times and inode are those recorded when it was last verified is
+    not read again. Raises EngineError naming the first file that differs and ``fix``."""
     d = Path(d)
     known = _read_verified(d)
     fresh = {}
@@ -208,7 +209,8 @@ def verify_hashes(d, hashes: dict, what: str, fix: str) -> None:
         if not path.is_file():
             raise EngineError(f"{what} {path} is missing; {fix}")
         rec = known.get(f)
-        if isinstance(rec, list) and rec[:3] == _stamp(path) and rec[3:] == [want]:
+        stamp = _stamp(path)
+        if isinstance(rec, list) and rec[:len(stamp)] == stamp and rec[len(stamp):] == [want]:
             continue
         have = sha256_file(path)
         if have != want:

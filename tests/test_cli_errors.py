@@ -211,3 +211,31 @@ def test_make_tiny_errors(tmp_path, args, words):
     one_line_error(r, *words)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert not (tmp_path / "new").exists()
+
+
+# -- the option parser's own errors: usage and exit 2, never "internal error" -------------------
+
+
+@pytest.mark.parametrize("app, args, words", [
+    (rt_app, ["generate", "-p", "x", "--steps", "abc"], "Invalid value for '--steps'"),
+    (rt_app, ["generate", "-p", "x", "--guidance", "abc"], "Invalid value for '--guidance'"),
+    (rt_app, ["generate", "-p", "x", "--foo"], "No such option: --foo"),
+    (rt_app, ["generate", "-p", "x", "--steps"], "requires an argument"),
+    (rt_app, ["generate"], "Missing option '--prompt'"),
+    (rt_app, ["gen", "-p", "x"], "No such command 'gen'"),
+    (rt_app, ["serve", "--port", "abc"], "Invalid value for '--port'"),
+    (export_app, ["frobnicate"], "No such command 'frobnicate'"),
+    (export_app, ["-c", "x", "--out", "y", "--max-batch", "abc"], "Invalid value"),
+])
+def test_parser_errors_show_usage_and_exit_2(app, args, words):
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert words in r.output and "Error:" in r.output
+    assert "internal error" not in r.output and "Traceback" not in r.output
+
+
+def test_bf16_export_on_a_cpu_machine_warns_first(tmp_path):
+    r = CliRunner().invoke(export_app, ["-c", str(tmp_path / "missing"), "--out",
+                                        str(tmp_path / "e"), "--dtype", "bf16"])
+    assert "warning: bf16 graphs are for TensorRT" in r.output
+    one_line_error(r, "does not exist")

@@ -20,6 +20,12 @@ from ..errors import BitDanceError
 
 DEBUG = {"on": False}
 
+# typer >= 0.2x carries its own copy of click: catch the parser's errors from either
+_USAGE = tuple({click.exceptions.ClickException,
+                *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")})
+_EXIT = tuple({click.exceptions.Exit, typer.Exit})
+_ABORT = tuple({KeyboardInterrupt, click.exceptions.Abort, typer.Abort})
+
 
 class Commands(TyperGroup):
     """The CLI's error policy (see the module docstring), wrapped around every command."""
@@ -41,13 +47,13 @@ class Commands(TyperGroup):
                 raise
             typer.echo(f"error: {e}", err=True)
             sys.exit(2)
-        except (KeyboardInterrupt, click.exceptions.Abort):
+        except _ABORT:
             typer.echo("interrupted", err=True)
             sys.exit(130)
-        except click.exceptions.ClickException as e:
+        except _USAGE as e:  # wrong options or values: click's usage message, exit 2
             e.show()
             sys.exit(e.exit_code)
-        except click.exceptions.Exit as e:
+        except _EXIT as e:
             sys.exit(e.exit_code)
         except Exception as e:  # a bug: one line unless --debug
             if DEBUG["on"]:

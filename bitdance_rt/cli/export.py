@@ -82,6 +82,13 @@ def export_main(
     from ..export import export_checkpoint
     from ..export.build import export_with_engines
 
+    if dtype.lower() in ("bf16", "bfloat16") and not engines:
+        import torch
+
+        if not torch.cuda.is_available():
+            typer.echo("warning: bf16 graphs are for TensorRT or ONNX Runtime's CUDA provider; "
+                       "ONNX Runtime on this CPU cannot run them (export --dtype fp32 to run "
+                       "them here)", err=True)
     settings = dict(model_name=model, dtype=dtype, num_layers=num_layers, max_batch=max_batch,
                     max_seq=max_seq, progress=typer.echo)
     start = time.perf_counter()
