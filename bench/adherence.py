@@ -7,6 +7,7 @@ and per attribute kind (colour, shape, position, background), for each guidance 
     python bench/adherence.py                               # built-in demo weights, defaults
     python bench/adherence.py --guidance default,1.0 --n 120 --backend torch --json adh.json
     python bench/adherence.py --checkpoint DIR --steps 25 --save-images out/ --threads 2
+    python bench/adherence.py --summarize a.json b.json ...    # one table of several runs
 
 Each prompt k is generated with seed ``--seed + k``; the same run is reproducible.
 """
@@ -56,8 +57,9 @@ def generate_images(session, prompts: list[str], seeds: list[int], height: int |
 
 
 def run(session, n: int, guidances: list[float], steps: int, seed: int, batch: int = 1,
-        save_images: Path | None = None, log=print) -> dict:
-    prompts = [caption for _idx, caption, _attrs in shapes.heldout(n)]
+        save_images: Path | None = None, log=print, split: str = "heldout") -> dict:
+    start = shapes.VALIDATION_START if split == "validation" else None
+    prompts = [caption for _idx, caption, _attrs in shapes.heldout(n, start)]
     seeds = [seed + k for k in range(len(prompts))]
     results = {}
     for g in guidances:
@@ -79,6 +81,25 @@ def run(session, n: int, guidances: list[float], steps: int, seed: int, batch: i
     return results
 
 
+def autoencoder_ceiling(ckpt: Path, n: int, split: str = "heldout") -> dict:
+    """Score the binary autoencoder's reconstructions of the prompts' own dataset images: the
+    best any generation through this tokenizer can score (the detector's limit is 1.0)."""
+    from bitdance_rt.checkpoint import load_checkpoint
+
+    model = load_checkpoint(ckpt, load_encoder=True, dtype=torch.float32)
+    h, w = model.spec.info.defaults.height, model.spec.info.defaults.width
+    start = shapes.VALIDATION_START if split == "validation" else None
+    items = shapes.heldout(n, start)
+    images, recon = [shapes.sample(idx, h)[0] for idx, _, _ in items], []
+    with torch.no_grad():
+        for i in range(0, n, 16):
+            x = torch.from_numpy(np.stack(images[i:i + 16])).permute(0, 3, 1, 2).float()
+            y = model.ae.decode(model.ae.encode(x / 127.5 - 1))
+            recon += list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
+                          .numpy())
+    return detect.score(recon, [caption for _, caption, _ in items])
+
+
 def table(results: dict, steps: int, backend: str) -> str:
     kinds = detect.KINDS
     head = ("| guidance | overall | " + " | ".join(kinds) + " | all right | s/image |\n"
@@ -91,6 +112,27 @@ def table(results: dict, steps: int, backend: str) -> str:
     n = next(iter(results.values()))["images"] if results else 0
     return (f"{n} held-out prompts, {steps} steps, backend {backend}\n\n" + head + "\n"
             + "\n".join(rows))
+
+
+def summarize(paths: list[Path]) -> str:
+    """One markdown table of several ``--json`` results (a row per run and guidance)."""
+    kinds = detect.KINDS
+    lines = ["| run | backend | guidance | overall | " + " | ".join(kinds)
+             + " | all right | s/image |", "|---" * (len(kinds) + 6) + "|"]
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for g, r in d["results"].items():
+            lines.append(f"| {d.get('label') or Path(path).stem} | {d['backend']} | {g} | "
+                         f"{r['overall']:.3f} | "
+                         + " | ".join(f"{r['by_kind'][k]:.3f}" for k in kinds)
+                         + f" | {r['all_right']:.3f} | {r['seconds_per_image']:.2f} |")
+        if d.get("autoencoder"):
+            r = d["autoencoder"]
+            lines.append("| autoencoder reconstructions of the dataset images (ceiling) | - | - | "
+                         f"{r['overall']:.3f} | "
+                         + " | ".join(f"{r['by_kind'][k]:.3f}" for k in kinds)
+                         + f" | {r['all_right']:.3f} | - |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -108,7 +150,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--save-images", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--split", choices=("heldout", "validation"), default="heldout",
+                    help="held-out prompts (reported), or validation prompts (to choose the "
+                    "model's default steps and guidance on)")
+    ap.add_argument("--autoencoder", action="store_true",
+                    help="also score the autoencoder's reconstructions of the prompts' dataset "
+                    "images (the ceiling of any generation)")
+    ap.add_argument("--label", default=None, help="name of this run in --summarize tables")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None,
+                    help="print one table of these --json files and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     session = open_session(args.checkpoint, args.backend, args.engine_dir)
@@ -119,17 +173,26 @@ def main(argv=None):
     name = session.spec.info.name or session.spec.name
     print(f"checkpoint {args.checkpoint} ({name}), {d.height}x{d.width}, steps {steps}, "
           f"backend {args.backend}", flush=True)
-    results = run(session, args.n, guidances, steps, args.seed, args.batch, args.save_images)
+    results = run(session, args.n, guidances, steps, args.seed, args.batch, args.save_images,
+                  split=args.split)
+    ceiling = None
+    if args.autoencoder:
+        ceiling = autoencoder_ceiling(args.checkpoint, args.n, args.split)
+        print(f"autoencoder reconstructions: {detect.format_score(ceiling)}")
     print()
     print(table(results, steps, args.backend))
     if args.json:
         slim = {g: {k: v for k, v in r.items() if k != "details"} for g, r in results.items()}
         for g, r in results.items():
             slim[g]["per_image_ok"] = [all(a["ok"] for a in det) for det in r["details"]]
-        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "steps": steps,
+        args.json.write_text(json.dumps({"label": args.label, "split": args.split,
+                                         "checkpoint": str(args.checkpoint), "steps": steps,
                                          "height": d.height, "width": d.width,
                                          "backend": args.backend, "seed": args.seed,
-                                         "results": slim}, indent=2))
+                                         "results": slim,
+                                         "autoencoder": ceiling and {
+                                             k: v for k, v in ceiling.items()
+                                             if k != "details"}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -153,10 +153,10 @@ def main():
     p.add_argument("--launch", default="", help="Servers to start: single, ray:N (comma list).")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--requests", type=int, default=16, help="Requests per level.")
-    p.add_argument("--prompt", default="a lighthouse on a rocky coast at dusk")
-    p.add_argument("--size", default="896x256", help="WIDTHxHEIGHT")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--prompt", default="a red circle on the left, on a white background")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="Default: the model's.")
+    p.add_argument("--guidance", type=float, default=None, help="Default: the model's.")
     p.add_argument("--seed", type=int, default=1000, help="First seed (request i: seed + i).")
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="Per request, seconds.")
@@ -188,8 +188,9 @@ def main():
             print(f"started {name} at {url}", file=sys.stderr)
         if not servers:
             raise SystemExit("give --url or --launch")
-        fields = {"prompt": args.prompt, "size": args.size, "steps": args.steps,
-                  "guidance": args.guidance}
+        fields = {k: v for k, v in (("prompt", args.prompt), ("size", args.size),
+                                    ("steps", args.steps), ("guidance", args.guidance))
+                  if v is not None}
         for name, url in servers:  # one request each: nothing below pays a first-call cost
             generate(url, api_key=args.api_key, timeout=args.timeout, seed=0, **fields)
         results = {name: [] for name, _ in servers}

@@ -10,6 +10,7 @@ setting and the fix. Several requests with the same size, steps and guidance can
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 from .errors import BitDanceError, RequestError
@@ -32,6 +33,15 @@ def sequence_ids(tokenizer, text: str, h: int, w: int, parallel_num: int) -> tup
     image = ["<|vision_start|>", f"<|res_{h}|>", f"<|res_{w}|>"]
     image += [f"<|query_{i}|>" for i in range(1, parallel_num)]
     return tuple(tokenizer.encode(text)) + tuple(tokenizer.token_id(t) for t in image)
+
+
+def unknown_words(spec: ModelSpec, prompt: str) -> list[str]:
+    """The prompt's words outside the vocabulary a small model declares (none for the released
+    models): the tokenizer still encodes them, but the model never saw them in training."""
+    known = set(spec.info.vocabulary)
+    if not known:
+        return []
+    return sorted({w for w in re.findall(r"[a-z]+", prompt.lower())} - known)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ from bitdance_rt.models.posemb import image_posemb, tokens_to_latent
 from bitdance_rt.tiny import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# the shipped model on its first 12 held-out prompts (measured 0.852 overall, colour 1.0; on
+# all 120: 0.899 and 0.988, bench/demo_adherence.sh): a gate a little below, for the platform
+SHIPPED_OVERALL, SHIPPED_COLOUR = 0.8, 0.9
 
 
 def _load(name, path):
@@ -153,21 +156,28 @@ def test_script_writes_a_loadable_checkpoint_and_resumes(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "[ar] resumed at step 3" in log and "[ar] step 5/5" in log
     assert json.loads((out / "bitdance_rt.json").read_text())["training"]["ar_steps"] == 5
+    # stop early within a longer schedule, then the released state is that step's
+    T.main(args + ["--stage", "ar", "--ar-steps", "8", "--stop-at", "6", "--resume"])
+    log = capsys.readouterr().out
+    assert "[ar] step 6/8" in log and "step 7/8" not in log
+    assert json.loads((out / "bitdance_rt.json").read_text())["training"]["ar_steps"] == 6
 
 
-@pytest.mark.skipif(not (WEIGHTS_DIR / "bitdance_rt.json").is_file(),
-                    reason="no trained demo weights in this checkout")
 def test_shipped_demo_weights():
+    """The package's demo model: within 20 MB, its defaults among its sizes, and its images
+    follow their prompts (a few held-out prompts at the defaults; the full 120-prompt table is
+    bench/demo_adherence.sh)."""
     files = [f for f in WEIGHTS_DIR.iterdir() if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 20 * 10**6
     meta = json.loads((WEIGHTS_DIR / "bitdance_rt.json").read_text())
     d = meta["defaults"]
     assert [d["height"], d["width"]] in meta["sizes"]
     session = A.open_session(WEIGHTS_DIR, "torch")
-    from bitdance_rt.demo import detect
+    from bitdance_rt.demo import detect, shapes
 
-    prompt = "a red circle on the left, on a white background"
-    img = A.generate_images(session, [prompt], [0])[0]
-    assert img.shape == (d["height"], d["width"], 3)
-    res = detect.score([img], [prompt])
-    assert res["by_kind"]["background"] == 1.0 and res["by_kind"]["colour"] == 1.0, res
+    prompts = [caption for _, caption, _ in shapes.heldout(12)]
+    images = A.generate_images(session, prompts, list(range(12)), batch=4)
+    assert images[0].shape == (d["height"], d["width"], 3)
+    res = detect.score(images, prompts)
+    assert res["overall"] >= SHIPPED_OVERALL and res["by_kind"]["colour"] >= SHIPPED_COLOUR, \
+        detect.format_score(res)

@@ -149,13 +149,3 @@ def test_cli_errors_are_one_line(tiny_ckpt, tmp_path):
     r = run_cli("generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "x",
                 "--height", "512", "--width", "512", "--device", "cpu")
     assert r.exit_code == 2 and "does not exist" in r.output
-
-
-def test_cli_builtin_tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    r = run_cli("generate", "--prompt", "x", "--height", "256", "--width", "896", "--steps", "1",
-                "--guidance", "1.0", "--device", "cpu", "--num-images", "2", "--no-progress",
-                "--out", str(tmp_path / "img.png"))
-    assert r.exit_code == 0, r.output
-    assert "built-in tiny RANDOM-WEIGHT model" in r.output
-    assert (tmp_path / "img_0.png").is_file() and (tmp_path / "img_1.png").is_file()

@@ -87,7 +87,7 @@ class DemoConfig:
     ae_fg_weight: float = 2.0            # extra loss weight on the pixels of shapes
     ae_edge_weight: float = 6.0          # ... and near their outlines
     # stage 2
-    ar_steps: int = 4000
+    ar_steps: int = 4500
     ar_batch: int = 16
     ar_lr: float = 5e-4
     ar_warmup: int = 200
@@ -511,7 +511,7 @@ def load_ae(cfg: DemoConfig, work: Path) -> BinaryAutoencoder:
 
 
 def train_ar(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: int,
-             save_every: int, steps: int | None = None):
+             save_every: int, steps: int | None = None, stop_at: int | None = None):
     from bitdance_rt.checkpoint import load_tokenizer
 
     total = steps or cfg.ar_steps
@@ -540,7 +540,8 @@ def train_ar(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: in
     for mod in models.values():
         mod.train()
     prog = Progress("ar", total, start, log_every)
-    for step in range(start, total):
+    end = min(total, stop_at) if stop_at else total
+    for step in range(start, end):
         lr = lr_at(step, total, cfg.ar_lr, cfg.ar_warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -554,7 +555,7 @@ def train_ar(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: in
         opt.step()
         ema.update(models, step)
         prog(step, stats, lr)
-        if (step + 1) % save_every == 0 or step + 1 == total:
+        if (step + 1) % save_every == 0 or step + 1 == end:
             save_state(path, {"models": {k: v.state_dict() for k, v in models.items()},
                               "ema": ema.shadow, "opt": opt.state_dict(), "step": step + 1,
                               "config": asdict(cfg)})
@@ -633,6 +634,9 @@ def main(argv=None):
     ap.add_argument("--ar-steps", type=int, default=None)
     ap.add_argument("--ar-batch", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the states in --work")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="end the AR stage after this step (the schedule still spans "
+                    "--ar-steps); --resume continues from there")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
@@ -667,7 +671,8 @@ def run(args) -> None:
     if args.stage in ("ae", "all"):
         train_ae(cfg, args.work, args.seed, args.resume, args.log_every, args.save_every)
     if args.stage in ("ar", "all"):
-        train_ar(cfg, args.work, args.seed, args.resume, args.log_every, args.save_every)
+        train_ar(cfg, args.work, args.seed, args.resume, args.log_every, args.save_every,
+                 stop_at=args.stop_at)
     if args.stage in ("all", "export", "ar"):
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
         out = export(cfg, args.work, args.out, dtype, not args.no_ema, args.steps, args.guidance)

@@ -83,7 +83,7 @@ def generate(
     debug: bool = DEBUG_OPTION,
 ):
     """Generate images from a text prompt and write PNG files (settings in PNG metadata)."""
-    from ..request import GenerationRequest
+    from ..request import GenerationRequest, unknown_words
     from ..runtime.images import check_output, save_png
     from ..runtime.session import (Session, builtin_checkpoint, check_backend, preflight,
                                    resolve_device, resolve_dtype)
@@ -103,6 +103,11 @@ def generate(
     session = Session.open(checkpoint, backend=backend, device=str(dev), dtype=dtype,
                            engine_dir=engine_dir, cuda_graphs=cuda_graphs, compile=compile,
                            warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    unknown = unknown_words(session.spec, prompt)
+    if unknown:
+        typer.echo(f"warning: this model was trained on a small vocabulary and never saw "
+                   f"{', '.join(repr(w) for w in unknown)}; the image will not show them "
+                   f"(its words: {' '.join(session.spec.info.vocabulary)})", err=True)
     timer = StageTimer(dev, enabled=timings)
     images = session.generate(req, on_step=progress_bar("AR steps", progress), timer=timer)[0]
     meta = session.metadata(req)

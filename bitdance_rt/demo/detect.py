@@ -238,37 +238,8 @@ def format_score(result: dict) -> str:
     return ", ".join(parts)
 
 
-def score_files(paths, prompt: str) -> dict:
-    """:func:`score` of image files (PNG, ...) against one prompt; what ``bitdance-rt score
-    IMAGE... --prompt P`` reports."""
-    from PIL import Image
-
-    attrs = parse_caption(prompt)
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    return score(images, [attrs] * len(images))
-
-
-def main(argv=None) -> int:
-    """``python -m bitdance_rt.demo.detect IMAGE... --prompt P``: per-attribute results."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Score images against a shapes prompt.")
-    ap.add_argument("images", nargs="+")
-    ap.add_argument("--prompt", required=True)
-    args = ap.parse_args(argv)
-    try:
-        res = score_files(args.images, args.prompt)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    for path, det in zip(args.images, res["details"]):
-        marks = ", ".join(f"{r['kind']}{'' if r['object'] is None else r['object'] + 1} "
-                          f"{r['expected']}: {'ok' if r['ok'] else 'saw ' + str(r['found'])}"
-                          for r in det)
-        print(f"{path}: {marks}")
-    print(format_score(res))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def format_details(details: list[dict]) -> str:
+    """One image's :func:`check` results, e.g. ``colour1 red: ok, shape1 circle: saw square``."""
+    return ", ".join(f"{r['kind']}{'' if r['object'] is None else r['object'] + 1} "
+                     f"{r['expected']}: {'ok' if r['ok'] else 'saw ' + str(r['found'])}"
+                     for r in details)

@@ -51,6 +51,7 @@ POSITION_CENTRE = {
 PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))
 
 TRAIN_INDICES = 10**6          # training draws indices 0 .. TRAIN_INDICES - 1
+VALIDATION_START = 5 * 10**8  # prompts to choose the released defaults on (not the held-out)
 HELDOUT_START = 10**9          # held-out evaluation indices start here
 DATASET_SEED = 20260613        # mixed with the index into numpy's SeedSequence
 
@@ -201,11 +202,12 @@ def train_index(i: int) -> int:
     return int(i) % TRAIN_INDICES
 
 
-def heldout(n: int = 120) -> list[tuple[int, str, dict]]:
-    """The fixed held-out evaluation prompts: ``(index, caption, caption attributes)``."""
+def heldout(n: int = 120, start: int | None = None) -> list[tuple[int, str, dict]]:
+    """The fixed held-out evaluation prompts: ``(index, caption, caption attributes)``
+    (``start``: another fixed range, e.g. :data:`VALIDATION_START`)."""
     out = []
     for k in range(n):
-        idx = HELDOUT_START + k
+        idx = (HELDOUT_START if start is None else start) + k
         attrs = draw_attributes(idx)
         out.append((idx, caption_of(attrs), caption_attributes(attrs)))
     return out

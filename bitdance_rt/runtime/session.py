@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
-from ..checkpoint import BitDanceModel, load_checkpoint
+from ..checkpoint import BitDanceModel, load_checkpoint, read_spec
 from ..errors import BitDanceError
 from ..request import GenerationRequest, ImagePlan, plan_for
 from .backend import Backend
@@ -37,18 +37,20 @@ def cache_dir() -> Path:
 
 
 def builtin_checkpoint(say=None) -> Path:
-    """The model used when no checkpoint is given: a tiny random-weight model in the released
-    layout, made on first use under the user's cache directory (its images are noise)."""
-    from ..tiny import make_tiny
+    """The model used when no checkpoint is given: the built-in demo model, a small BitDance
+    trained on captioned images of coloured shapes (``bitdance_rt/demo/weights``)."""
+    from ..demo import WEIGHTS_DIR
 
-    path = cache_dir() / "tiny-4x-seed0"
-    if not (path / "tokenizer.json").is_file():
-        if say:
-            say(f"making the built-in tiny model in {path} (first use)")
-        make_tiny(path, parallel_num=4, seed=0, overwrite=True)
+    path = WEIGHTS_DIR
+    if not (path / "bitdance_rt.json").is_file():
+        raise BitDanceError(f"the built-in demo model is missing from this installation ({path}); "
+                            "reinstall bitdance-rt, or pass --checkpoint DIR")
     if say:
-        say(f"no --checkpoint given: using the built-in tiny RANDOM-WEIGHT model at {path}; "
-            "its images are noise patterns, not pictures")
+        info = read_spec(path).info
+        (h, w), words = info.sizes[0], " ".join(info.vocabulary)
+        say(f"no --checkpoint given: using the built-in demo model ({info.name}, {h}x{w}), "
+            "trained on coloured shapes; prompts like 'a red circle on the left, on a white "
+            f"background'. Its words: {words}")
     return path
 
 

@@ -1,0 +1,103 @@
+"""The built-in demo model behind `bitdance-rt generate` with no options, and `bitdance-rt score`."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from typer.testing import CliRunner
+
+from bitdance_rt.cli import rt_app
+from bitdance_rt.demo import WEIGHTS_DIR, shapes
+
+
+def run(*args):
+    return CliRunner().invoke(rt_app, list(args))
+
+
+def save(path, image, prompt=None):
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("prompt", prompt)
+    Image.fromarray(image).save(path, pnginfo=info)
+    return str(path)
+
+
+def test_generate_with_no_options_runs_the_demo_model_at_its_defaults(tmp_path):
+    meta = json.loads((WEIGHTS_DIR / "bitdance_rt.json").read_text())
+    d = meta["defaults"]
+    prompt = "a blue square at the top, on a yellow background"
+    r = run("generate", "--prompt", prompt, "--out", str(tmp_path / "a.png"), "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "built-in demo model" in r.output and "triangle" in r.output  # says which words
+    assert "warning" not in r.output
+    img = Image.open(tmp_path / "a.png")
+    assert img.size == (d["width"], d["height"])
+    assert img.text["steps"] == str(d["steps"]) and float(img.text["guidance"]) == d["guidance"]
+    assert img.text["model"] == meta["name"]
+    # the scorer reads the prompt the PNG records
+    r = run("score", str(tmp_path / "a.png"))
+    assert r.exit_code == 0, r.output
+    assert prompt in r.output and "overall" in r.output
+
+
+def test_words_outside_the_vocabulary_are_named_not_refused(tmp_path):
+    r = run("generate", "--prompt", "a cat on a Mat", "--out", str(tmp_path / "a.png"),
+            "--steps", "1", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "never saw 'cat', 'mat'" in r.output
+    assert (tmp_path / "a.png").is_file()
+
+
+def test_missing_demo_weights_is_one_line(tmp_path, monkeypatch):
+    import bitdance_rt.demo
+
+    monkeypatch.setattr(bitdance_rt.demo, "WEIGHTS_DIR", tmp_path / "gone")
+    r = run("generate", "--prompt", "a red circle, on a white background", "--out",
+            str(tmp_path / "a.png"))
+    assert r.exit_code == 2 and "built-in demo model is missing" in r.output
+    assert "--checkpoint" in r.output
+
+
+def test_score_dataset_images_and_wrong_captions(tmp_path):
+    rng = np.random.default_rng()
+    idx = [int(i) for i in rng.integers(0, 10**6, size=6)]
+    samples = [shapes.sample(i, 128) for i in idx]
+    paths = [save(tmp_path / f"{k}.png", img, cap) for k, (img, cap, _) in enumerate(samples)]
+    r = run("score", *paths, "--json", str(tmp_path / "s.json"))
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "s.json").read_text())
+    assert res["summary"]["overall"] >= 0.95 and len(res["images"]) == 6
+    assert [row["prompt"] for row in res["images"]] == [c for _, c, _ in samples]
+    # one caption for all: the wrong background for most of them
+    bg = samples[0][2]["background"]
+    caption = f"a {samples[0][2]['objects'][0]['colour']} circle, on a {bg} background"
+    r = run("score", *paths, "--prompt", caption, "--json", str(tmp_path / "w.json"))
+    assert r.exit_code == 0, r.output
+    wrong = json.loads((tmp_path / "w.json").read_text())["summary"]
+    assert wrong["overall"] < res["summary"]["overall"]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "does not exist"),
+    ("not-an-image", "not a readable image"),
+    ("no-prompt", "records no prompt"),
+    ("bad-caption", "cannot read the caption"),
+    ("json-in-a-file", "is a file, not a directory"),
+    ("json-is-a-directory", "is a directory; name a file"),
+])
+def test_score_errors_are_one_line(tmp_path, case, words):
+    img, _, _ = shapes.sample(1, 64)
+    args = {"missing": [str(tmp_path / "nope.png")],
+            "not-an-image": [str(tmp_path / "x.png")],
+            "no-prompt": [save(tmp_path / "p.png", img)],
+            "bad-caption": [save(tmp_path / "p.png", img), "--prompt", "a dog on a sofa"],
+            "json-in-a-file": [save(tmp_path / "q.png", img, "a red circle, on a blue background"),
+                               "--json", str(tmp_path / "x.png" / "r.json")],
+            "json-is-a-directory": [save(tmp_path / "q.png", img, "a red circle, on a blue "
+                                         "background"), "--json", str(tmp_path)]}[case]
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    r = run("score", *args)
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
