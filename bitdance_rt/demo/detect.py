@@ -123,14 +123,44 @@ def position_of(cx: float, cy: float) -> str:
     return "top" if dy < 0 else "bottom"
 
 
+def _neighbourhood(a: np.ndarray, fill) -> list[np.ndarray]:
+    """The 3x3 neighbourhood of every pixel as nine shifted views (``fill`` beyond the edge)."""
+    h, w = a.shape
+    p = np.pad(a, 1, constant_values=fill)
+    return [p[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
+
+
+def binary_opening(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Erosion then dilation by a 3x3 square, ``iterations`` times each (outside: False)."""
+    for _ in range(iterations):
+        mask = np.logical_and.reduce(_neighbourhood(mask, False))
+    for _ in range(iterations):
+        mask = np.logical_or.reduce(_neighbourhood(mask, False))
+    return mask
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of ``mask``: labels 1..n in raster order of their first pixel
+    (0: background), and n. Each pixel takes its neighbourhood's smallest index until stable."""
+    h, w = mask.shape
+    none = h * w
+    index = np.where(mask, np.arange(none).reshape(h, w), none)
+    while True:
+        smallest = np.where(mask, np.minimum.reduce(_neighbourhood(index, none)), none)
+        if np.array_equal(smallest, index):
+            break
+        index = smallest
+    roots, inverse = np.unique(index[mask], return_inverse=True)
+    labels = np.zeros((h, w), dtype=np.int64)
+    labels[mask] = inverse + 1
+    return labels, len(roots)
+
+
 def detect(image: np.ndarray) -> dict:
     """``{"background": colour, "objects": [Component, ...]}``, objects largest first."""
-    from scipy import ndimage
-
     labels = palette_labels(image)
     h, w = labels.shape
     bg = background_colour(labels)
-    structure = np.ones((3, 3), dtype=bool)
     opening = max(1, int(round(min(h, w) / 128)))  # 1 px at 128, 2 px at 256
     found = []
     for ci, colour in enumerate(COLOURS):
@@ -139,8 +169,8 @@ def detect(image: np.ndarray) -> dict:
         mask = labels == ci
         if mask.sum() < MIN_AREA * h * w:
             continue
-        mask = ndimage.binary_opening(mask, structure, iterations=opening)
-        comp, n = ndimage.label(mask, structure)
+        mask = binary_opening(mask, opening)
+        comp, n = label_components(mask)
         if n == 0:
             continue
         areas = np.bincount(comp.ravel())[1:]
