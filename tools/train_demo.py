@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 from bitdance_rt.demo import shapes  # noqa: E402
 from bitdance_rt.models.autoencoder import AEConfig, BinaryAutoencoder  # noqa: E402
 from bitdance_rt.models.head import DiffusionHead, HeadConfig  # noqa: E402
-from bitdance_rt.models.posemb import image_posemb  # noqa: E402
+from bitdance_rt.models.posemb import image_posemb, latent_to_tokens  # noqa: E402
 from bitdance_rt.models.projector import Projector  # noqa: E402
 from bitdance_rt.models.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 from bitdance_rt.tiny import TINY_VOCAB, build_tokenizer  # noqa: E402
@@ -175,14 +175,6 @@ def captions_of(indices) -> list[str]:
 
 def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 2 + (stage == "ar")) % 2**63)
-
-
-def latent_to_tokens(latent: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B, h*w, C]`` in patch raster order (inverse of
-    :func:`bitdance_rt.models.posemb.tokens_to_latent`)."""
-    b, c, h, w = latent.shape
-    x = latent.permute(0, 2, 3, 1).reshape(b, h // patch, patch, w // patch, patch, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c)
 
 
 # ----------------------------------------------------------------------------------------------

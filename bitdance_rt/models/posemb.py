@@ -37,6 +37,14 @@ def to_patch_raster(grid: torch.Tensor, patch: int) -> torch.Tensor:
     return g.reshape(h * w, c)
 
 
+def latent_to_tokens(latent: torch.Tensor, patch: int) -> torch.Tensor:
+    """Latent ``[B, C, h, w]`` -> ``[B, h * w, C]`` tokens in patch raster order (the inverse
+    of :func:`tokens_to_latent`; training reads the autoencoder's tokens this way)."""
+    b, c, h, w = latent.shape
+    x = latent.permute(0, 2, 3, 1).reshape(b, h // patch, patch, w // patch, patch, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, c)
+
+
 def tokens_to_latent(tokens: torch.Tensor, h: int, w: int, patch: int) -> torch.Tensor:
     """``[B, h * w, C]`` tokens in patch raster order -> latent ``[B, C, h, w]``."""
     b, _, c = tokens.shape
