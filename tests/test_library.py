@@ -136,18 +136,32 @@ def test_lm_head_is_checked_but_not_loaded(tiny_ckpt, tmp_path):
         load_checkpoint(bad)
 
 
-def test_cpu_products_do_not_depend_on_the_batch():
-    """A row of a linear layer is the same alone, with one other row, or with many (the
-    module-level MKL setting of bitdance_rt; the shapes of the tiny, mid and 14b LLM/head)."""
-    import bitdance_rt  # noqa: F401  (sets MKL_CBWR before the first product)
+def test_cpu_products_do_not_depend_on_the_batch(tiny_ckpt):
+    """A row of a model's linear layer is the same bits alone, with one other row, with many,
+    at any place among them and whatever the other rows hold (the shapes of the tiny, mid and
+    14b LLM and head). The math library gives no such guarantee (oneMKL computes 1 to 3 rows
+    with another kernel), so bitdance_rt.models.linear makes it by construction."""
+    from bitdance_rt.models.linear import ROW_TILE, Linear, linear
 
-    gen = torch.Generator().manual_seed(0)
-    for k, n in ((128, 768), (256, 128), (512, 4096), (4096, 512), (5120, 128)):
+    seed = 0
+    gen = torch.Generator().manual_seed(seed)
+    for k, n in ((128, 768), (256, 128), (512, 4096), (4096, 512), (5120, 128), (32, 256)):
         w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
         x = torch.randn(300, k, generator=gen)
-        full = torch.nn.functional.linear(x, w, b)
-        for m in (1, 2, 3, 5, 8, 16, 33, 64):
-            assert torch.equal(torch.nn.functional.linear(x[:m], w, b), full[:m]), (k, n, m)
+        full = linear(x, w, b)
+        for m in (1, 2, 3, 5, 8, 16, 33, 64, ROW_TILE + 1):
+            assert torch.equal(linear(x[:m], w, b), full[:m]), (seed, k, n, m)
+        # other rows, elsewhere in the batch, with other leading dims
+        shuffled = torch.randn(7, 11, k, generator=gen)
+        shuffled[3, 5] = x[0]
+        assert torch.equal(linear(shuffled, w, b)[3, 5], full[0]), (seed, k, n)
+        assert torch.equal(linear(x[0], w, b), full[0]), (seed, k, n)  # a 1-D input
+    # every linear layer of a model computes this way (none is a plain nn.Linear)
+    model = load_checkpoint(tiny_ckpt)
+    plain = [name for part in (model.llm, model.head, model.projector, model.ae)
+             for name, m in part.named_modules()
+             if isinstance(m, torch.nn.Linear) and not isinstance(m, Linear)]
+    assert plain == []
 
 
 def test_reference_is_a_backend_with_the_authors_extra_llm_call(tiny_ckpt):
@@ -165,7 +179,10 @@ def test_session_metadata_and_defaults(tiny_ckpt):
     session = Session.open(tiny_ckpt, device="cpu")
     meta = session.metadata(GenerationRequest("a cat"))
     assert (meta["height"], meta["width"], meta["steps"], meta["guidance"]) == (1024, 1024, 50, 7.5)
-    assert json.dumps(meta)
+    # what a PNG's text chunks and the server's JSON carry: plain JSON values, nothing lost
+    assert json.loads(json.dumps(meta)) == meta
+    assert (meta["prompt"], meta["seed"], meta["backend"], meta["device"], meta["dtype"]) == (
+        "a cat", 42, "torch", "cpu", "float32")
 
 
 @pytest.mark.parametrize("backend,graphs", [("torch", False), ("torch", True),

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .linear import Linear
+
 
 @dataclass(frozen=True)
 class AEConfig:
@@ -95,8 +97,8 @@ class AdaptiveGroupNorm(nn.Module):
     def __init__(self, z_channels: int, channels: int, eps: float = 1e-6):
         super().__init__()
         self.gn = group_norm(channels, affine=False)
-        self.gamma = nn.Linear(z_channels, channels)
-        self.beta = nn.Linear(z_channels, channels)
+        self.gamma = Linear(z_channels, channels)
+        self.beta = Linear(z_channels, channels)
         self.eps = eps
 
     def forward(self, x, z):

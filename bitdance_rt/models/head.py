@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 # Sequences up to this length use the explicit softmax(q k^T) v form of the reference (which
 # scales q before the product); longer ones use fused attention, as the reference does.
 EXPLICIT_ATTENTION_MAX_LEN = 32
@@ -75,7 +77,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, channels), nn.SiLU(), nn.Linear(channels, channels)
+            Linear(freq_dim, channels), nn.SiLU(), Linear(channels, channels)
         )
 
     def forward(self, t):
@@ -89,8 +91,8 @@ class PatchAttention(nn.Module):
         super().__init__()
         self.n_head = dim // 128
         self.head_dim = 128
-        self.wqkv = nn.Linear(dim, 3 * dim)
-        self.wo = nn.Linear(dim, dim)
+        self.wqkv = Linear(dim, 3 * dim)
+        self.wo = Linear(dim, dim)
 
     def forward(self, x):
         b, t, c = x.shape
@@ -115,11 +117,11 @@ class HeadBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels, eps=1e-6)
         self.use_swiglu = use_swiglu
         if use_swiglu:
-            self.w1 = nn.Linear(channels, 2 * hidden)
-            self.w2 = nn.Linear(hidden, channels)
+            self.w1 = Linear(channels, 2 * hidden)
+            self.w2 = Linear(hidden, channels)
         else:
             self.mlp = nn.Sequential(
-                nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels)
+                Linear(channels, hidden), nn.SiLU(), Linear(hidden, channels)
             )
 
     def forward(self, x, mod):
@@ -138,8 +140,8 @@ class FinalLayer(nn.Module):
     def __init__(self, channels: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(channels, eps=1e-6, elementwise_affine=False)
-        self.ada_ln_modulation = nn.Linear(channels, 2 * channels)
-        self.linear = nn.Linear(channels, out_channels)
+        self.ada_ln_modulation = Linear(channels, 2 * channels)
+        self.linear = Linear(channels, out_channels)
 
     def forward(self, x, y):
         scale, shift = self.ada_ln_modulation(y).chunk(2, dim=-1)
@@ -153,12 +155,12 @@ class HeadNet(nn.Module):
         super().__init__()
         c = cfg.ch_latent
         self.time_embed = TimestepEmbedder(c)
-        self.cond_embed = nn.Linear(cfg.ch_cond, c)
-        self.input_proj = nn.Linear(cfg.ch_target, c)
+        self.cond_embed = Linear(cfg.ch_cond, c)
+        self.input_proj = Linear(cfg.ch_target, c)
         self.res_blocks = nn.ModuleList(
             HeadBlock(c, cfg.use_swiglu) for _ in range(cfg.depth_latent)
         )
-        self.ada_ln_blocks = nn.ModuleList(nn.Linear(c, 6 * c) for _ in range(cfg.depth_adanln))
+        self.ada_ln_blocks = nn.ModuleList(Linear(c, 6 * c) for _ in range(cfg.depth_adanln))
         self.switch_every = max(1, cfg.depth_latent // cfg.depth_adanln)
         self.final_layer = FinalLayer(c, cfg.ch_target)
 

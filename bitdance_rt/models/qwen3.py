@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 @dataclass(frozen=True)
 class Qwen3Config:
@@ -130,10 +132,10 @@ class Attention(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         d = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * d, bias=False)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * d, bias=False)
+        self.o_proj = Linear(self.n_heads * d, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
@@ -152,9 +154,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: Qwen3Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -206,7 +208,7 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen3Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, embeds, positions, cache, mode="causal"):
         return self.model(embeds, positions, cache, mode)

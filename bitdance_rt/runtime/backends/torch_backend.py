@@ -110,7 +110,9 @@ class TorchBackend(Backend):
             # prompt length does not reallocate
             longest = max_len - plan.tokens + p
             room = -(-longest // PROMPT_ROOM) * PROMPT_ROOM
-            cap_len = max(max_len + room - longest, old.max_len if old is not None else 0)
+            # (and at least two blocks: a block-step graph's capture writes two)
+            cap_len = max(max_len + room - longest, old.max_len if old is not None else 0,
+                          2 * p)
             del old
             need = StaticKVCache.nbytes_for(cfg.num_hidden_layers, cap_rows,
                                             cfg.num_key_value_heads, cap_len, cfg.head_dim,
@@ -246,7 +248,7 @@ class HeadLoopGraph:
         self.times, self.coeffs = be.times, be.coeffs  # read by the graph: owned here
         self.graph = capture(
             lambda: be._sample(self.cond, list(self.noise.unbind(0)), self.guidance),
-            emulate=be.emulate)
+            emulate=be.emulate, device=be.device)
 
     def __call__(self, cond, noise, guidance: float):
         self.cond.copy_(cond)
@@ -279,10 +281,18 @@ class BlockStepGraph:
             self.cache.lens.add_(p)
             return cond
 
-        saved_lens, saved_host = self.cache.lens.clone(), list(self.cache.lens_host)
-        self.graph = capture(run, emulate=be.emulate)
-        self.cache.lens.copy_(saved_lens)  # undo the warm-up's (and a stand-in's) advances
-        self.cache.lens_host = saved_host
+        # The warm-up run and the capture (a stand-in's too) each write a block: make them
+        # write slots [0, 2P) whatever the cache holds now (a late capture would write past
+        # its end), and put those slots and the lengths back afterwards.
+        cache = self.cache
+        saved_lens, saved_host = cache.lens.clone(), list(cache.lens_host)
+        saved_k, saved_v = cache.k[..., :2 * p, :].clone(), cache.v[..., :2 * p, :].clone()
+        cache.lens.zero_()
+        self.graph = capture(run, emulate=be.emulate, device=be.device)
+        cache.k[..., :2 * p, :].copy_(saved_k)
+        cache.v[..., :2 * p, :].copy_(saved_v)
+        cache.lens.copy_(saved_lens)
+        cache.lens_host = saved_host
 
     def __call__(self, tokens, block):
         cache, p = self.cache, self.be.parallel_num
