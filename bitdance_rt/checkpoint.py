@@ -193,7 +193,8 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: bool = False,
-                    weights: bool = True, num_layers: int | None = None) -> BitDanceModel:
+                    weights: bool = True, num_layers: int | None = None,
+                    configs: BitDanceModel | None = None) -> BitDanceModel:
     """Load a checkpoint directory; weights are converted to ``dtype`` on ``device``.
 
     Every key of every file is checked; what generation does not use is not read: the LM head
@@ -202,13 +203,17 @@ def load_checkpoint(ckpt_dir, dtype=torch.float32, device="cpu", load_encoder: b
     ``weights=False`` reads only the configs and the tokenizer (the networks are None): enough
     for a backend whose engines hold the weights. ``num_layers`` keeps only the first K LLM
     layers and reads only theirs (full-width test exports of a 14B checkpoint on a small
-    machine); ``extras["full_spec"]`` is then the checkpoint's own spec.
+    machine); ``extras["full_spec"]`` is then the checkpoint's own spec. ``configs``: this
+    directory's ``load_checkpoint(..., weights=False)``, whose configs and tokenizer are used
+    instead of reading them again.
     """
     d = Path(ckpt_dir)
-    full = read_spec(d)
+    if configs is not None and configs.path is not None and configs.path.resolve() == d.resolve():
+        full, tokenizer = configs.extras.get("full_spec", configs.spec), configs.tokenizer
+    else:
+        full, tokenizer = read_spec(d), load_tokenizer(d)
     spec = full.truncated(num_layers)
     device = torch.device(device)
-    tokenizer = load_tokenizer(d)
     extras = {"full_spec": full} if spec is not full else {}
     if not weights:
         return BitDanceModel(spec, None, None, None, None, tokenizer, dtype, device, d, extras)

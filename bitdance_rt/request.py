@@ -59,16 +59,22 @@ class GenerationRequest:
 
     def resolved(self, spec: ModelSpec | None = None) -> "GenerationRequest":
         """This request with every unset setting taken from the model's defaults."""
+        if self.is_resolved:
+            return self
         d = spec.info.defaults if spec is not None else Defaults()
         return replace(self, height=d.height if self.height is None else self.height,
                        width=d.width if self.width is None else self.width,
                        steps=d.steps if self.steps is None else self.steps,
                        guidance=d.guidance if self.guidance is None else self.guidance)
 
+    @property
+    def is_resolved(self) -> bool:
+        return None not in (self.height, self.width, self.steps, self.guidance)
+
     def validate(self, spec: ModelSpec | None = None) -> tuple[int, int]:
         """Check every setting (``spec``: the model's sizes and defaults, else the released
         models'); returns the latent (h, w). Raises :class:`RequestError` (one line)."""
-        r = self.resolved(spec)
+        r = self if self.is_resolved else self.resolved(spec)
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise RequestError("the prompt is empty; describe the image to draw")
         if not (isinstance(r.num_images, int) and 1 <= r.num_images <= 64):
@@ -97,7 +103,13 @@ class GenerationRequest:
 class ImagePlan:
     """One AR run: B images of one size, each with its own conditional sequence, and with
     guidance one unconditional sequence shared by all (rows: B conditional, then B
-    unconditional)."""
+    unconditional).
+
+    A request is planned once (:func:`plan_for`: its settings resolved and checked, its prompt
+    tokenized) and the plan travels: the CLI, :meth:`Session.generate
+    <bitdance_rt.runtime.session.Session.generate>` and the server's scheduler pass it along,
+    and several requests' plans join into one run with :meth:`merge`. ``requests`` holds the
+    resolved requests the plan was made of, in order (their seeds and image counts)."""
 
     h: int                          # latent rows
     w: int                          # latent columns
@@ -105,6 +117,33 @@ class ImagePlan:
     uncond_ids: tuple | None        # the unconditional sequence when guidance is on
     steps: int                      # head sampling steps N
     guidance: float
+    requests: tuple = ()            # the resolved GenerationRequests, in order
+
+    @property
+    def seeds(self) -> list[tuple[int, int]]:
+        """``(seed, images)`` per request: what a NoiseSource draws for."""
+        return [(r.seed, r.num_images) for r in self.requests]
+
+    @property
+    def request(self) -> "GenerationRequest":
+        """The request of a one-request plan."""
+        if len(self.requests) != 1:
+            raise ValueError(f"this plan holds {len(self.requests)} requests, not one")
+        return self.requests[0]
+
+    @classmethod
+    def merge(cls, *plans: "ImagePlan") -> "ImagePlan":
+        """One run of several plans (of the same size, steps and guidance), in order."""
+        first = plans[0]
+        for p in plans[1:]:
+            if (p.h, p.w, p.steps, p.guidance, p.uncond_ids) != (
+                    first.h, first.w, first.steps, first.guidance, first.uncond_ids):
+                raise BitDanceError("requests in one batch must have the same size, steps and "
+                                    "guidance")
+        if len(plans) == 1:
+            return first
+        return replace(first, cond_ids=sum((p.cond_ids for p in plans), ()),
+                       requests=sum((p.requests for p in plans), ()))
 
     @property
     def images(self) -> int:
@@ -149,30 +188,34 @@ def row_groups(rows: list) -> list[tuple[int, int, tuple]]:
 
 
 def plan_for(model, *requests: GenerationRequest) -> ImagePlan:
-    """The plan of one or more requests on a model with a tokenizer. Several requests share
-    one plan only if they have the same size, steps and guidance."""
+    """The plan of one or more requests on a model with a tokenizer (its configs suffice:
+    ``load_checkpoint(..., weights=False)``). Each request is resolved against the model's
+    defaults, checked and tokenized here, once. Several requests share one plan only if they
+    have the same size, steps and guidance."""
+    return ImagePlan.merge(*[_plan_one(model, r) for r in requests])
+
+
+def _plan_one(model, request: GenerationRequest) -> ImagePlan:
     spec, tok = model.spec, model.tokenizer
     if tok is None:
         raise BitDanceError("this model has no tokenizer; load it from a checkpoint directory")
-    reqs = [r.resolved(spec) for r in requests]
-    first = reqs[0]
-    h, w = first.validate(spec)
-    for r in reqs[1:]:
-        r.validate(spec)
-        if (r.height, r.width, r.steps, r.guidance) != (first.height, first.width, first.steps,
-                                                         first.guidance):
-            raise BitDanceError("requests in one batch must have the same size, steps and "
-                                "guidance")
+    r = request.resolved(spec)
+    h, w = r.validate(spec)
     p = spec.parallel_num
-    cond = []
-    for r in reqs:
-        ids = sequence_ids(tok, conditional_text(r.prompt), h, w, p)
-        cond += [ids] * r.num_images
-    uncond = sequence_ids(tok, UNCONDITIONAL_TEXT, h, w, p) if first.cfg else None
-    plan = ImagePlan(h=h, w=w, cond_ids=tuple(cond), uncond_ids=uncond, steps=first.steps,
-                     guidance=float(first.guidance))
+    ids = sequence_ids(tok, conditional_text(r.prompt), h, w, p)
+    uncond = _unconditional_ids(tok, h, w, p) if r.cfg else None
+    plan = ImagePlan(h=h, w=w, cond_ids=(ids,) * r.num_images, uncond_ids=uncond,
+                     steps=r.steps, guidance=float(r.guidance), requests=(r,))
     check_context(plan, spec)
     return plan
+
+
+def _unconditional_ids(tok, h: int, w: int, p: int) -> tuple:
+    """The unconditional sequence of a size, tokenized once per tokenizer."""
+    cache = tok.__dict__.setdefault("_bitdance_uncond", {})
+    if (h, w, p) not in cache:
+        cache[(h, w, p)] = sequence_ids(tok, UNCONDITIONAL_TEXT, h, w, p)
+    return cache[(h, w, p)]
 
 
 def check_context(plan: ImagePlan, spec: ModelSpec) -> None:

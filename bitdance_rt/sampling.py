@@ -102,15 +102,24 @@ def head_step(denoise, x, coeffs, noise, guidance, rows):
     return sampler_update(x, guide(v, guidance, x.shape[0]), coeffs, noise)
 
 
+def run_steps(step, x0: torch.Tensor, noise: list, num_evaluations: int) -> torch.Tensor:
+    """The loop of one block's sampling, written once: ``step(k, x, noise_k)`` is evaluation
+    k (its head call and update, however a backend runs them) for k = 0 .. N (the N
+    Euler-Maruyama steps, then the final Euler step); ``noise`` holds the N Euler-Maruyama
+    draws (the final step draws none: it gets x, which its coefficients scale by 0)."""
+    x = x0
+    for k in range(num_evaluations):
+        x = step(k, x, noise[k] if k < len(noise) else x)
+    return x
+
+
 def run_sampler(denoise_at, x0, noise, coeffs, guidance, rows: int) -> torch.Tensor:
     """The sampling loop of one block: ``denoise_at(k, x_in)`` evaluates the head at step k;
     ``noise`` the N tensors of the Euler-Maruyama steps (the final step draws none)."""
-    x = x0
-    for k in range(coeffs.shape[0]):
-        step_noise = noise[k] if k < len(noise) else x  # the final step scales it by 0
-        x = head_step(lambda x_in: denoise_at(k, x_in), x, coeffs[k], step_noise, guidance,
-                      rows)
-    return x
+    return run_steps(
+        lambda k, x, step_noise: head_step(lambda x_in: denoise_at(k, x_in), x, coeffs[k],
+                                           step_noise, guidance, rows),
+        x0, noise, coeffs.shape[0])
 
 
 def sample_block(net, cond: torch.Tensor, noise: list[torch.Tensor], guidance: float,
@@ -133,15 +142,23 @@ def head_modulations(net, cond: torch.Tensor, times: torch.Tensor, dtype=None):
     return net.modulation(net.conditioning(t_rows, cond.to(dtype or cond.dtype)))
 
 
+def premodulated(net, modulations, dtype, denoise=None):
+    """``denoise_at(k, x_in)`` of step k given :func:`head_modulations`' ``(ada, final)``:
+    only the x-dependent part of the head (``net.denoise``, or ``denoise``, e.g. compiled)."""
+    denoise = denoise or net.denoise
+    ada, final = modulations  # leading dim: step
+    return lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k]))
+
+
 def sample_block_premodulated(net, cond: torch.Tensor, noise, guidance, times, coeffs,
                               dtype=torch.float32, denoise=None) -> torch.Tensor:
     """Same result as :func:`sample_block`, cheaper: the x-independent part of the head for
     all N + 1 step times is computed once per block (:func:`head_modulations`), so each step
-    runs only ``net.denoise``. ``denoise`` replaces ``net.denoise`` (e.g. compiled)."""
-    denoise = denoise or net.denoise
-    ada, final = head_modulations(net, cond, times, dtype)  # leading dim: step
-    return run_sampler(lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k])),
-                       noise[0], noise[1:], coeffs, guidance, cond.shape[0])
+    runs only ``net.denoise``. ``denoise`` replaces ``net.denoise`` (e.g. compiled). The torch
+    backend's sampler (eager and in a CUDA graph)."""
+    mods = head_modulations(net, cond, times, dtype)
+    return run_sampler(premodulated(net, mods, dtype, denoise), noise[0], noise[1:], coeffs,
+                       guidance, cond.shape[0])
 
 
 class NoiseSource:

@@ -60,23 +60,36 @@ def test_missing_demo_weights_is_one_line(tmp_path, monkeypatch):
     assert "--checkpoint" in r.output
 
 
-def test_score_dataset_images_and_wrong_captions(tmp_path):
-    rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [0, 1])
+def test_score_dataset_images_and_wrong_captions(tmp_path, seed):
+    from bitdance_rt.demo import detect
+
+    rng = np.random.default_rng(seed)
     idx = [int(i) for i in rng.integers(0, 10**6, size=6)]
+    why = f"seed {seed}: dataset images {idx}"
     samples = [shapes.sample(i, 128) for i in idx]
     paths = [save(tmp_path / f"{k}.png", img, cap) for k, (img, cap, _) in enumerate(samples)]
     r = run("score", *paths, "--json", str(tmp_path / "s.json"))
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "s.json").read_text())
-    assert res["summary"]["overall"] >= 0.95 and len(res["images"]) == 6
+    assert res["summary"]["overall"] >= 0.95 and len(res["images"]) == 6, why
     assert [row["prompt"] for row in res["images"]] == [c for _, c, _ in samples]
-    # one caption for all: the wrong background for most of them
+    # the command reports what the library computes from the PNGs' pixels and prompts
+    lib = detect.score([img for img, _, _ in samples], [c for _, c, _ in samples])
+    assert res["summary"]["overall"] == lib["overall"], why
+    assert [row["attributes"] for row in res["images"]] == json.loads(
+        json.dumps(lib["details"])), why
+    # one caption for all: the background is right exactly where it is that image's
     bg = samples[0][2]["background"]
     caption = f"a {samples[0][2]['objects'][0]['colour']} circle, on a {bg} background"
     r = run("score", *paths, "--prompt", caption, "--json", str(tmp_path / "w.json"))
     assert r.exit_code == 0, r.output
-    wrong = json.loads((tmp_path / "w.json").read_text())["summary"]
-    assert wrong["overall"] < res["summary"]["overall"]
+    wrong = json.loads((tmp_path / "w.json").read_text())
+    assert [row["prompt"] for row in wrong["images"]] == [caption] * 6
+    background_ok = [next(a["ok"] for a in row["attributes"] if a["kind"] == "background")
+                     for row in wrong["images"]]
+    assert background_ok == [s[2]["background"] == bg for s in samples], why
+    assert wrong["summary"]["overall"] < res["summary"]["overall"], why
 
 
 @pytest.mark.parametrize("case, words", [

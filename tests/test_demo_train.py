@@ -42,10 +42,18 @@ def tokenizer(tmp_path_factory):
     return load_tokenizer(d)
 
 
-def test_patch_raster_roundtrip():
-    lat = torch.randn(2, 32, 8, 8)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_patch_raster_roundtrip(seed):
+    lat = torch.randn(2, 32, 8, 8, generator=torch.Generator().manual_seed(seed))
     for patch in (1, 2, 4, 8):
-        assert torch.equal(tokens_to_latent(T.latent_to_tokens(lat, patch), 8, 8, patch), lat)
+        tokens = T.latent_to_tokens(lat, patch)
+        assert tokens.shape == (2, 64, 32), f"seed {seed}, patch {patch}"
+        # token 0 is the top-left latent, token patch*patch - 1 the last of the first patch
+        assert torch.equal(tokens[:, 0], lat[:, :, 0, 0]), f"seed {seed}, patch {patch}"
+        last = tokens[:, patch * patch - 1]
+        assert torch.equal(last, lat[:, :, patch - 1, patch - 1]), f"seed {seed}, patch {patch}"
+        back = tokens_to_latent(tokens, 8, 8, patch)
+        assert torch.equal(back, lat), f"seed {seed}, patch {patch}"
 
 
 @pytest.mark.parametrize("preset", ["smoke", "demo"])

@@ -25,7 +25,7 @@ from bitdance_rt.export.head_step import HeadStep
 from bitdance_rt.export.source import identify_preset
 from bitdance_rt.manifest import VERIFIED, remember_hashes, sha256_file, verify_hashes
 from bitdance_rt.request import GenerationRequest
-from bitdance_rt.runtime import generate, generate_tokens, plan_for
+from bitdance_rt.runtime import StageTimer, generate, generate_tokens, plan_for
 from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from bitdance_rt.runtime.backends.torch_backend import TorchBackend
 from bitdance_rt.sampling import (NoiseSource, em_update, head_modulations, sample_block,
@@ -207,12 +207,19 @@ def test_onnxruntime_backend_matches_torch(export_dir, tiny_model, torch_image):
 
 
 def test_head_reads_the_x_independent_part_once_per_block(export_dir, tiny_model):
+    """Counted graph runs: per block one head_prepare and N + 1 head_step calls."""
     backend = OnnxRuntimeBackend(tiny_model, export_dir)
     plan = plan_for(tiny_model, REQ)
     files = {n: (export_dir / f"{n}.onnx").stat().st_size for n in ("head_prepare", "head_step")}
-    wb = backend.weight_bytes(plan)
-    assert wb["head"] == files["head_prepare"] + (REQ.steps + 1) * files["head_step"]
-    assert wb["head_calls"] == REQ.steps + 2
+    timer = StageTimer("cpu")
+    generate(backend, plan, REQ.seed, timer)
+    blocks = plan.tokens // tiny_model.spec.parallel_num
+    head = timer.stats["head"]
+    assert head.calls == blocks * (REQ.steps + 2)
+    assert head.weight_bytes == blocks * (files["head_prepare"]
+                                          + (REQ.steps + 1) * files["head_step"])
+    assert timer.stats["block_step"].calls == blocks - 1
+    assert timer.stats["prefill"].calls == 1
 
 
 def test_generate_cli_onnxruntime(export_dir, tiny_ckpt, torch_image, tmp_path):
@@ -401,7 +408,7 @@ def test_verified_hashes_are_remembered(tmp_path):
     d = tmp_path / "x"
     d.mkdir()
     f = d / "g.onnx"
-    f.write_bytes(os.urandom(8192))
+    f.write_bytes(np.random.default_rng(0).bytes(8192))  # fixed content: the same run each time
     sha = sha256_file(f)
     verify_hashes(d, {"g.onnx": sha}, "graph file", "fix it")
     assert json.loads((d / VERIFIED).read_text())["g.onnx"][-1] == sha

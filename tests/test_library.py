@@ -211,3 +211,27 @@ def test_dropping_a_request_mid_run_keeps_the_others_exact(tiny16_ckpt, backend,
     if backend == "torch":
         rows = session.backend.cache.k.shape[1]
         assert rows == (8 if graphs else 4)  # graphs keep the captured batch of 4 images
+
+
+def test_generate_plans_the_request_once(tiny16_ckpt, tmp_path, monkeypatch):
+    """From `bitdance-rt generate` to the PNG, the prompt is tokenized once and the configs
+    are read once: the plan made before the weights load is the one that runs."""
+    from typer.testing import CliRunner
+
+    import bitdance_rt.checkpoint as checkpoint
+    from bitdance_rt.cli import rt_app
+
+    prompt = "a lighthouse at dusk, counted"
+    encoded, specs = [], []
+    encode, read_spec = checkpoint.Tokenizer.encode, checkpoint.read_spec
+    monkeypatch.setattr(checkpoint.Tokenizer, "encode",
+                        lambda self, text: encoded.append(text) or encode(self, text))
+    monkeypatch.setattr(checkpoint, "read_spec", lambda d: specs.append(d) or read_spec(d))
+    out = tmp_path / "once.png"
+    r = CliRunner().invoke(rt_app, ["generate", "-c", str(tiny16_ckpt), "-p", prompt,
+                                    "--height", "256", "--width", "896", "--steps", "1",
+                                    "--device", "cpu", "--no-progress", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.is_file()
+    assert sum(prompt in text for text in encoded) == 1, encoded
+    assert len(specs) == 1, specs

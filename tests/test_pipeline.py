@@ -77,7 +77,8 @@ def test_time_grid_and_update_follow_spec():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_posemb_follows_spec():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_posemb_follows_spec(seed):
     hidden, h, w, p = 64, 4, 8, 2
     table = sincos_table(hidden // 2)
     omega = 1 / 10000 ** (torch.arange(hidden // 4, dtype=torch.float64) / (hidden / 4))
@@ -90,21 +91,69 @@ def test_posemb_follows_spec():
         for c in range(w):
             i = ((r // p) * (w // p) + c // p) * p * p + (r % p) * p + c % p
             assert torch.equal(emb[i], torch.cat([table[c], table[r]]))
-    toks = torch.randn(1, h * w, 3)
+    toks = torch.randn(1, h * w, 3, generator=torch.Generator().manual_seed(seed))
     lat = tokens_to_latent(toks, h, w, p)
-    i = ((3 // p) * (w // p) + 5 // p) * p * p + (3 % p) * p + 5 % p
-    assert torch.equal(lat[0, :, 3, 5], toks[0, i])
+    assert lat.shape == (1, 3, h, w)
+    for r in range(h):  # every latent position holds the token the raster order puts there
+        for c in range(w):
+            i = ((r // p) * (w // p) + c // p) * p * p + (r % p) * p + c % p
+            assert torch.equal(lat[0, :, r, c], toks[0, i]), f"seed {seed}: latent ({r}, {c})"
 
 
-def test_autoencoder_round_trip_shapes(tiny_ckpt):
+@pytest.mark.parametrize("seed", [0])
+def test_autoencoder_encodes_signs_and_decodes_shapes(tiny_ckpt, seed):
+    """Random weights (make-tiny): what holds for any weights. encode is the sign of the
+    encoder's output (+-1, never 0), image by image (the batch changes nothing); decode maps
+    [B, 32, h, w] back to finite [B, 3, 16h, 16w] images."""
     model = load_checkpoint(tiny_ckpt, load_encoder=True)
-    img = torch.rand(2, 3, 256, 384) * 2 - 1
-    z = model.ae.encode(img)
-    assert z.shape == (2, 32, 16, 24) and set(z.unique().tolist()) <= {-1.0, 1.0}
-    # the signs of the encoder's output, image by image
-    assert torch.equal(z[1:], torch.sign(model.ae.encoder(img[1:])))
-    out = model.ae.decode(z)
-    assert out.shape == img.shape and torch.isfinite(out).all()
+    img = torch.rand(2, 3, 256, 384, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        z = model.ae.encode(img)
+        assert z.shape == (2, 32, 16, 24) and set(z.unique().tolist()) <= {-1.0, 1.0}
+        h = model.ae.encoder(img[1:])
+        assert torch.equal(z[1:], torch.where(h > 0, 1.0, -1.0)), f"seed {seed}"
+        out = model.ae.decode(z)
+    assert out.shape == img.shape and torch.isfinite(out).all(), f"seed {seed}"
+
+
+# Measured on the shipped demo autoencoder (float32, CPU) over the first 12 held-out dataset
+# images: tokens agree 0.899 to 0.962 after the round trip (0.949 to 0.955 on the three tested),
+# 0.35 to 0.60 with another image's tokens; mean absolute pixel error 1.9 to 10.6 levels of 255.
+# Exact token identity does not hold: about 5% of the bits flip, some where the encoder's output
+# is far from zero (|h| up to 60), so the bounds are these measurements with a margin.
+ROUND_TRIP_AGREEMENT = 0.85
+ROUND_TRIP_PIXEL_ERROR = 16.0
+
+
+def test_demo_autoencoder_round_trip():
+    """The trained demo autoencoder, a real round trip of held-out dataset images: image ->
+    encode -> tokens -> decode -> uint8 image (what a PNG holds) -> encode gives back almost
+    all of the tokens, far more than another image's tokens share, and the decoded image is
+    close to the original."""
+    from bitdance_rt.demo import WEIGHTS_DIR, shapes
+    from bitdance_rt.models.steps import to_uint8
+
+    model = load_checkpoint(WEIGHTS_DIR, load_encoder=True)
+    held = shapes.heldout(3)
+    originals = torch.from_numpy(np.stack([shapes.sample(idx, 128)[0] for idx, _, _ in held]))
+
+    def encode(u8):  # [B, H, W, 3] uint8 -> +-1 latents, as the training script feeds images
+        return model.ae.encode(u8.permute(0, 3, 1, 2).float() / 127.5 - 1)
+
+    with torch.no_grad():
+        z = encode(originals)
+        decoded = to_uint8(model.ae.decode(z))
+        again = encode(decoded)
+    assert decoded.shape == originals.shape and z.shape == (3, 32, 8, 8)
+    agree = (again == z).float().mean((1, 2, 3))
+    cross = (again == z.roll(1, 0)).float().mean((1, 2, 3))  # another image's tokens
+    error = (decoded.float() - originals.float()).abs().mean((1, 2, 3))
+    for k, (idx, caption, _) in enumerate(held):
+        why = (f"held-out image {idx} ({caption!r}): tokens agree {agree[k]:.3f} after the "
+               f"round trip, {cross[k]:.3f} with another image's; pixel error {error[k]:.1f}")
+        assert agree[k] >= ROUND_TRIP_AGREEMENT, why
+        assert agree[k] >= cross[k] + 0.25, why
+        assert error[k] <= ROUND_TRIP_PIXEL_ERROR, why
 
 
 def test_gan_decoder_checkpoint(tmp_path):

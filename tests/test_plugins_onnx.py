@@ -83,5 +83,6 @@ def test_block_step_exports_with_plugin_nodes(tiny_ckpt, tmp_path):
     with torch.no_grad():
         a = gdef.module(*gdef.example.values())
         b = standard.module(*standard.example.values())
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert len(a) == len(b) == len(gdef.outputs)
+    for name, x, y in zip(gdef.outputs, a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

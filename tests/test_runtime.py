@@ -18,6 +18,7 @@ from bitdance_rt.runtime import StageTimer, generate, plan_for
 from bitdance_rt.runtime.backends import torch_backend
 from bitdance_rt.runtime.backends.reference import ReferenceBackend
 from bitdance_rt.runtime.backends.torch_backend import TorchBackend
+from bitdance_rt.runtime.timing import module_bytes
 from bitdance_rt.sampling import NoiseSource, sample_block, sample_block_premodulated, step_schedule
 from bitdance_rt.spec import preset
 from bitdance_rt.tiny import make_tiny, random_model
@@ -95,12 +96,25 @@ def test_one_llm_call_per_block_and_reuse(tiny16_ckpt):
     timer = StageTimer("cpu")
     first = generate(backend, plan, req.seed, timer)
     blocks = 16 * 64 // 16
+    # counted while running (forward hooks), not declared by the backend
     assert timer.stats["block_step"].calls == blocks - 1  # none after the last block
     assert timer.stats["prefill"].calls == 3  # causal per prompt, then one batched block call
-    assert timer.stats["head"].calls == blocks * 3
+    assert timer.stats["head"].calls == blocks * 3  # N + 1 evaluations per block
+    assert timer.stats["decode"].calls == 1
     ref_timer = StageTimer("cpu")
     generate(ReferenceBackend(model), plan, req.seed, ref_timer)
-    assert ref_timer.stats["block_step"].calls == 2 * blocks
+    assert ref_timer.stats["block_step"].calls == 2 * blocks  # per prompt, and after the last
+    assert ref_timer.stats["prefill"].calls == 4
+    # the head's x-independent part is read once per block, the rest at every step; the
+    # reference reads the whole head at every step
+    net = model.head.net
+    once = sum(module_bytes(m) for m in (net.cond_embed, net.time_embed, net.ada_ln_blocks,
+                                          net.final_layer.ada_ln_modulation))
+    assert timer.stats["head"].weight_bytes == blocks * (once + 3 * (module_bytes(net) - once))
+    assert ref_timer.stats["head"].weight_bytes == blocks * 3 * module_bytes(net)
+    layers = module_bytes(model.llm.model.layers) + module_bytes(model.llm.model.norm)
+    assert timer.stats["block_step"].weight_bytes == (blocks - 1) * (
+        layers + module_bytes(model.projector))
     cache = backend.cache
     again = generate(backend, plan, req.seed)  # buffers reused, cache reset
     assert backend.cache is cache and torch.equal(first, again)

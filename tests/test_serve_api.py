@@ -161,10 +161,10 @@ class Flaky:
     def __getattr__(self, name):
         return getattr(self._s, name)
 
-    def generate(self, *reqs, **kw):
-        if any(r.prompt == "boom" for r in reqs):
+    def generate(self, *plans, **kw):
+        if any(p.request.prompt == "boom" for p in plans):
             raise RuntimeError("CUDA error: an illegal memory access (simulated)\nmore lines")
-        return self._s.generate(*reqs, **kw)
+        return self._s.generate(*plans, **kw)
 
 
 def test_a_failing_batch_fails_only_its_requests(session):

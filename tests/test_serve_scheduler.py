@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitdance_rt.errors import BitDanceError
-from bitdance_rt.request import GenerationRequest
+from bitdance_rt.request import GenerationRequest, ImagePlan
 from bitdance_rt.serve.scheduler import (CANCELLED, DONE, FAILED, Job, QueueFull, Scheduler,
                                          SchedulerClosed)
 
@@ -26,7 +26,8 @@ class StandIn:
         self.gate.set()
         self.started = threading.Event()
 
-    def generate(self, *reqs, on_step=None, timer=None):
+    def generate(self, *plans, on_step=None, timer=None):
+        reqs = [p.request for p in plans]  # the scheduler passes the plans it was given
         self.runs.append([r.prompt for r in reqs])
         self.started.set()
         self.gate.wait(10)
@@ -53,8 +54,11 @@ class Observer:
 
 
 def req(prompt, size=(256, 896), n=1, seed=1, steps=1):
-    return GenerationRequest(prompt, size[0], size[1], steps=steps, guidance=3.0, seed=seed,
-                             num_images=n)
+    """A one-request plan, as the server makes it (no model here: stand-in token ids)."""
+    r = GenerationRequest(prompt, size[0], size[1], steps=steps, guidance=3.0, seed=seed,
+                          num_images=n)
+    return ImagePlan(size[0] // 16, size[1] // 16, cond_ids=((1,),) * n, uncond_ids=(0,),
+                     steps=steps, guidance=3.0, requests=(r,))
 
 
 def wait_over(*jobs, timeout=10):
@@ -78,8 +82,11 @@ def held(session, max_batch=4, max_queue=8):
 def test_compatible_requests_share_a_run_in_arrival_order_up_to_max_batch():
     session = StandIn()
     s, obs, first = held(session, max_batch=4)
-    jobs = [Job(req("a1")), Job(req("b", size=(512, 512))), Job(req("a2", n=2)),
-            Job(req("a3", n=2)), Job(req("a4", steps=2)), Job(req("a5"))]
+    # each request its own seed: the stand-in paints its images with it, so every job's images
+    # show whose they are
+    jobs = [Job(req("a1", seed=11)), Job(req("b", size=(512, 512), seed=12)),
+            Job(req("a2", n=2, seed=13)), Job(req("a3", n=2, seed=14)),
+            Job(req("a4", steps=2, seed=15)), Job(req("a5", seed=16))]
     for j in jobs:
         s.submit(j)
     session.gate.set()
@@ -89,7 +96,9 @@ def test_compatible_requests_share_a_run_in_arrival_order_up_to_max_batch():
     assert obs.done == [1, 4, 1, 2, 1]
     assert all(j.state == DONE for j in jobs)
     assert jobs[0].batch_images == 4 and jobs[1].batch_images == 1
-    assert jobs[2].images.shape[0] == 2 and int(jobs[2].images[0, 0, 0, 0]) == 1
+    for j in jobs:  # a batch's images are split back to their requests, in order
+        assert j.images.shape == (j.request.num_images, 2, 2, 3), j.request.prompt
+        assert (j.images == j.request.seed).all(), (j.request.prompt, j.images.unique())
     assert jobs[0].blocks_done == jobs[0].blocks_total == session.blocks
     s.close()
 

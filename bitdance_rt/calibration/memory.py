@@ -194,7 +194,7 @@ def _stage_peaks(model, rows: int, images: int, prompt_tokens: int, h: int, w: i
     from ..models.kv_cache import StaticKVCache
     from ..models.steps import block_step, image_start, prompt_pass
     from ..runtime.buffers import modulation_bytes
-    from ..sampling import head_modulations, head_step, step_schedule
+    from ..sampling import head_modulations, head_step, premodulated, step_schedule
 
     spec, dt, dev = model.spec, model.dtype, torch.device("meta")
     cfg, p, hid = spec.llm, spec.parallel_num, spec.llm.hidden_size
@@ -227,10 +227,11 @@ def _stage_peaks(model, rows: int, images: int, prompt_tokens: int, h: int, w: i
     peak_mods = peak_bytes(lambda: mods.append(head_modulations(model.head.net, cond, times, dt)),
                            *known, times, coeffs, cond)
     ada, final = mods.pop()
+    denoise_at = premodulated(model.head.net, (ada, final), dt)  # the runtime's step
     x = torch.zeros((images, p, spec.head.ch_target), device=dev)
-    step = peak_bytes(lambda: head_step(
-        lambda x_in: model.head.net.denoise(x_in.to(dt), ([a[0] for a in ada], final[0])),
-        x, coeffs[0], x, 7.5 if rows > images else 1.0, rows), *known, cond, x, ada, final)
+    step = peak_bytes(lambda: head_step(lambda x_in: denoise_at(0, x_in), x, coeffs[0], x,
+                                        7.5 if rows > images else 1.0, rows),
+                      *known, cond, x, ada, final)
     peaks["head"] = max(peak_mods, modulation_bytes(spec, rows, steps, dt) + step)
     latent = torch.zeros((1, spec.ae.z_channels, h, w), dtype=dt, device=dev)
     dec_noise = torch.zeros_like(latent) if spec.ae.gan_decoder else None

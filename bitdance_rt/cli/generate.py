@@ -99,18 +99,19 @@ def generate(
     paths = check_output(out, num_images)
     if checkpoint is None:
         checkpoint = builtin_checkpoint(say=lambda m: typer.echo(m, err=True))
-    preflight(checkpoint, req)
+    plan, configs = preflight(checkpoint, req)  # the request planned (and tokenized) once
     session = Session.open(checkpoint, backend=backend, device=str(dev), dtype=dtype,
                            engine_dir=engine_dir, cuda_graphs=cuda_graphs, compile=compile,
-                           warn=lambda m: typer.echo(f"warning: {m}", err=True))
+                           warn=lambda m: typer.echo(f"warning: {m}", err=True),
+                           configs=configs)
     unknown = unknown_words(session.spec, prompt)
     if unknown:
         typer.echo(f"warning: this model was trained on a small vocabulary and never saw "
                    f"{', '.join(repr(w) for w in unknown)}; the image will not show them "
                    f"(its words: {' '.join(session.spec.info.vocabulary)})", err=True)
     timer = StageTimer(dev, enabled=timings)
-    images = session.generate(req, on_step=progress_bar("AR steps", progress), timer=timer)[0]
-    meta = session.metadata(req)
+    images = session.generate(plan, on_step=progress_bar("AR steps", progress), timer=timer)[0]
+    meta = session.metadata(plan)
     for i, path in enumerate(paths):
         save_png(images[i].numpy(), path, {**meta, "image_index": i})
         typer.echo(str(path))

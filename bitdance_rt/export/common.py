@@ -85,11 +85,9 @@ def write_slots(cache: torch.Tensor, new: torch.Tensor, at: torch.Tensor) -> tor
     """A copy of ``cache [S, H, S_max, D]`` with ``new [S, H, T, D]`` written at slots
     ``[at[s], at[s] + T)`` (the expected content of a native graph's cache output), through the
     PyTorch owner of the cache write."""
-    from ..plugins.reference import write_kv_ref
+    from ..plugins.reference import write_at
 
-    out = cache.clone()
-    write_kv_ref(new, new, out, out, at)
-    return out
+    return write_at(cache.clone(), new, at, 2)
 
 
 @contextlib.contextmanager

@@ -76,10 +76,7 @@ class DecoderGraph(nn.Module):
     def forward(self, latent, noise=None):
         if noise is not None:
             noise = noise.to(self.dtype)
-        img = self.decoder(latent.to(self.dtype), noise).float()
-        # clamp to [0, 255] first, so truncation (the SPEC) is floor; then an exact cast
-        img = torch.floor(torch.clamp(127.5 * img + 128.0, 0.0, 255.0))
-        return img.permute(0, 2, 3, 1).to(torch.uint8)
+        return to_uint8(self.decoder(latent.to(self.dtype), noise), device=None)
 
 
 @torch.no_grad()

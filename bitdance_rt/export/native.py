@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..plugins.reference import valid_slots, visible, write_at
+
 OPSET = 24  # TensorScatter
 
 
@@ -37,10 +39,7 @@ def tensor_scatter(past: torch.Tensor, update: torch.Tensor,
     """ONNX ``TensorScatter`` (axis 2, linear mode) in PyTorch: a copy of ``past``
     ``[S, H, S_max, D]`` with ``update[s]`` ``[H, T, D]`` written at slots
     ``[write_indices[s], write_indices[s] + T)``."""
-    out = past.clone()
-    pos = write_indices.long()[:, None] + torch.arange(update.shape[2], device=past.device)
-    out.scatter_(2, pos[:, None, :, None].expand(update.shape), update.to(past.dtype))
-    return out
+    return write_at(past.clone(), update, write_indices, 2)
 
 
 @tensor_scatter.register_fake
@@ -60,17 +59,6 @@ def onnx_translation_table() -> dict:
     return {torch.ops.bitdance.tensor_scatter.default: translate}
 
 
-def visible(cache_lens: torch.Tensor, t: int, slots: int, mode: str) -> torch.Tensor:
-    """The boolean mask ``[S, 1, T, S_max]`` of the module docstring."""
-    dev = cache_lens.device
-    i = torch.arange(t, device=dev)[None, None, :, None]
-    j = torch.arange(slots, device=dev)[None, None, None, :]
-    limit = cache_lens[:, None, None, None] + (t if mode == "block" else i + 1)
-    # written as a comparison against a [S, 1, T, 1] limit so both sides have T explicitly
-    # (ONNX Runtime's Attention wants the mask's query axis to be T, not broadcast)
-    return j < limit + torch.zeros_like(i)
-
-
 class PromptKV:
     """The prompt pass of a native prefill graph: the cache is empty, so the prompt attends
     causally over its own keys only (``Attention`` with ``is_causal``); its keys and values
@@ -86,8 +74,7 @@ class PromptKV:
         return torch.arange(t, device=device)[None, :].expand(batch, t)
 
     def attend(self, layer: int, q, k, v, mode: str) -> torch.Tensor:
-        keep = torch.arange(q.shape[2], device=q.device)[None, :] < self.lens[:, None]
-        keep = keep[:, None, :, None]
+        keep = valid_slots(self.lens, q.shape[2])[:, None, :, None]
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
         self.keys.append(torch.where(keep, k, zero))
         self.values.append(torch.where(keep, v, zero))

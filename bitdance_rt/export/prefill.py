@@ -35,6 +35,7 @@ from torch import nn
 from ..manifest import cache_inputs, cache_outputs
 from ..models.kv_cache import StaticKVCache
 from ..models.steps import image_start, prompt_pass
+from ..plugins.reference import valid_slots
 from .attention import GraphKV, attention_fn
 from .common import GraphDef, dim, native_cache_feeds, write_slots
 from .native import NativeKV, PromptKV
@@ -54,8 +55,7 @@ class Prefill(nn.Module):
         prompt = GraphKV(self.attention)
         prompt_pass(self.model, input_ids, prompt)
         keys, values = prompt.new_kv()  # [L, S, Hkv, T, D]
-        valid = torch.arange(t, device=input_ids.device)[None, :] < input_lens[:, None]
-        valid = valid[None, :, None, :, None]
+        valid = valid_slots(input_lens, t)[None, :, None, :, None]
         zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
         keys, values = torch.where(valid, keys, zero), torch.where(valid, values, zero)
         block = GraphKV(self.attention, keys, values, input_lens)

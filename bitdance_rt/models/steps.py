@@ -63,10 +63,12 @@ def block_step(model, tokens: torch.Tensor, pe: torch.Tensor, pe_next: torch.Ten
     return llm_call(model, embeds, cache, "block") + pe_next
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, H, W]`` in about [-1, 1] -> ``[B, H, W, 3]`` uint8 on the CPU (truncating)."""
-    x = torch.clamp(127.5 * images.float() + 128.0, 0, 255)
-    return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+def to_uint8(images: torch.Tensor, device="cpu") -> torch.Tensor:
+    """``[B, 3, H, W]`` in about [-1, 1] -> ``[B, H, W, 3]`` uint8 (``trunc(clamp(127.5 img +
+    128, 0, 255))``), on ``device`` (None: where the images are; an exported graph's)."""
+    # clamped to [0, 255] first, truncation is floor; the cast is then exact in any runtime
+    x = torch.floor(torch.clamp(127.5 * images.float() + 128.0, 0.0, 255.0))
+    return x.permute(0, 2, 3, 1).to(device=device, dtype=torch.uint8)
 
 
 def decode_tokens(model, tokens: torch.Tensor, h: int, w: int, noise: torch.Tensor | None = None,

@@ -54,16 +54,44 @@ def check_shapes(q, k_new, v_new, k_cache, v_cache, cache_lens) -> None:
         raise ValueError("cache_lens must be an integer tensor")
 
 
+def valid_slots(lens: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[B, slots]`` boolean: slot j of row b holds a token (``j < lens[b]``)."""
+    return torch.arange(slots, device=lens.device)[None, :] < lens.long()[:, None]
+
+
+def visible(cache_lens: torch.Tensor, t: int, slots: int, mode: str | int) -> torch.Tensor:
+    """The attention mask of the contract, ``[B, 1, T, slots]`` boolean: new token i of row b
+    (at slot ``cache_lens[b] + i``) sees slot j iff ``j < cache_lens[b] + T`` ("block") or
+    ``j <= cache_lens[b] + i`` ("causal")."""
+    dev = cache_lens.device
+    i = torch.arange(t, device=dev)[None, None, :, None]
+    j = torch.arange(slots, device=dev)[None, None, None, :]
+    causal = mode_to_int(mode) == MODE_CAUSAL
+    limit = cache_lens.long()[:, None, None, None] + (i + 1 if causal else t)
+    # compared against a [B, 1, T, 1] limit so both sides have T explicitly (ONNX Runtime's
+    # Attention wants the mask's query axis to be T, not broadcast)
+    return j < limit + torch.zeros_like(i)
+
+
+def write_at(cache: torch.Tensor, new: torch.Tensor, lens: torch.Tensor, seq_dim: int,
+             batch_dim: int = 0) -> torch.Tensor:
+    """The cache write, in place: ``cache[.., b, .., lens[b] + i, ..] = new[.., b, .., i, ..]``
+    for the T entries of ``new`` along ``seq_dim`` (rows along ``batch_dim`` < ``seq_dim``,
+    every other axis matching). Returns ``cache``."""
+    b, t = new.shape[batch_dim], new.shape[seq_dim]
+    pos = lens.long()[:, None] + torch.arange(t, device=new.device)  # [B, T]
+    shape = [1] * new.dim()
+    shape[batch_dim], shape[seq_dim] = b, t
+    return cache.scatter_(seq_dim, pos.view(shape).expand(new.shape), new.to(cache.dtype))
+
+
 def write_kv_ref(k_new, v_new, k_cache, v_cache, cache_lens) -> None:
     """In place: ``k_cache[b, :, cache_lens[b] + i] = k_new[b, :, i]`` for i < T (same for v).
 
     k_new, v_new: [B, Hkv, T, D]; k_cache, v_cache: [B, Hkv, S_max, D]; cache_lens: [B].
     """
-    B, Hkv, T, D = k_new.shape
-    pos = cache_lens.to(torch.long).unsqueeze(1) + torch.arange(T, device=k_new.device)  # [B, T]
-    index = pos[:, None, :, None].expand(B, Hkv, T, D)
-    k_cache.scatter_(2, index, k_new.to(k_cache.dtype))
-    v_cache.scatter_(2, index, v_new.to(v_cache.dtype))
+    write_at(k_cache, k_new, cache_lens, 2)
+    write_at(v_cache, v_new, cache_lens, 2)
 
 
 def attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str | int,
@@ -95,16 +123,16 @@ def attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str | int,
     neg = torch.tensor(float("-inf"), dtype=torch.float32, device=q.device)
 
     new_scores = torch.matmul(qg, cast(k_new).unsqueeze(2).transpose(-1, -2)).float() * scale
-    if causal:
-        i = torch.arange(t, device=q.device)
-        new_scores = torch.where(i[None, :] <= i[:, None], new_scores, neg)
+    if causal:  # among the new tokens alone: the causal mask of an empty cache
+        among = visible(torch.zeros(1, dtype=torch.long, device=q.device), t, t, MODE_CAUSAL)
+        new_scores = torch.where(among[0, 0], new_scores, neg)
     if k_cache is None:
         probs = torch.softmax(new_scores, dim=-1)
         out = torch.matmul(probs.to(qg.dtype), cast(v_new).unsqueeze(2))
         return out.reshape(b, hq, t, d).to(q.dtype)
 
     s_max = k_cache.shape[2]
-    seen = torch.arange(s_max, device=q.device)[None, :] < cache_lens.long()[:, None]  # [B, S]
+    seen = valid_slots(cache_lens, s_max)  # [B, S]
     cache_scores = torch.matmul(qg, cast(k_cache).unsqueeze(2).transpose(-1, -2)).float() * scale
     cache_scores = torch.where(seen[:, None, None, None, :], cache_scores, neg)
     probs = torch.softmax(torch.cat([cache_scores, new_scores], dim=-1), dim=-1).to(qg.dtype)

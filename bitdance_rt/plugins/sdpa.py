@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import MODE_CAUSAL, mode_to_int, write_kv_ref
+from .reference import MODE_CAUSAL, mode_to_int, visible, write_kv_ref
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -38,9 +38,8 @@ def attend_like_reference(q, keys, values, causal: bool, past: int, scale=None,
     if native_gqa and not causal:  # an all-true mask is no mask
         return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=n_rep > 1)
     if causal:
-        i = torch.arange(t, device=q.device)[:, None]
-        j = torch.arange(past + t, device=q.device)[None, :]
-        mask = (j <= past + i)[None, None].expand(q.shape[0], 1, t, past + t)
+        lens = torch.full((q.shape[0],), past, dtype=torch.long, device=q.device)
+        mask = visible(lens, t, past + t, MODE_CAUSAL)
     else:
         mask = torch.ones((q.shape[0], 1, t, past + t), dtype=torch.bool, device=q.device)
     if native_gqa:

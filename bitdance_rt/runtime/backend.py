@@ -7,11 +7,13 @@ guidance is on), P tokens per block, H the LLM width, 32 binary channels per tok
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
 
 from ..request import ImagePlan
+from .timing import WorkMeter, model_meter_modules, watch_modules
 
 __all__ = ["Backend", "ImagePlan"]
 
@@ -30,6 +32,8 @@ class Backend(ABC):
     final_block_step: bool = False
     # Whether drop() can stop computing images in the middle of a run.
     can_drop: bool = False
+    # The WorkMeter counting this backend's work while a timed run is metered (else None).
+    meter: WorkMeter | None = None
 
     @abstractmethod
     def begin(self, plan: ImagePlan) -> None:
@@ -62,9 +66,15 @@ class Backend(ABC):
         kept images' results do not change. Only called when ``can_drop``."""
         raise NotImplementedError
 
-    def weight_bytes(self, plan: ImagePlan) -> dict:
-        """Weight bytes each stage reads per call of the loop's (``prefill``, ``block_step``,
-        ``head`` per block, ``decode``) and the model calls each makes (``prefill_calls``,
-        ``block_step_calls``, ``head_calls``), for the benchmark's table. Unknown entries may
-        be left out."""
-        return {}
+    @contextlib.contextmanager
+    def metered(self, meter: WorkMeter):
+        """Count, into ``meter``, the model calls and weight bytes this backend really reads
+        while the block runs (the timing table's columns). This default watches the model's
+        PyTorch modules; a backend that runs other graphs counts them itself (``meter`` is
+        :attr:`meter` meanwhile)."""
+        self.meter = meter
+        try:
+            with watch_modules(meter, *model_meter_modules(self.model)):
+                yield
+        finally:
+            self.meter = None

@@ -7,6 +7,7 @@ batch, each give the image they give alone.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -39,26 +40,40 @@ def generate_tokens(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | 
     can drop rows; the others keep their exact results) and keep zero tokens; ``alive``, if
     given, is filled with the indices of the images that ran to the end."""
     timer = timer or StageTimer(backend.device, enabled=False)
+    with metered(backend, timer):
+        return _generate_tokens(backend, plan, rng, timer, on_step, noise, alive)
+
+
+def metered(backend: Backend, timer: StageTimer):
+    """The backend counting its calls and weight reads into the timer's stages (an enabled
+    timer only: the counting hooks cost time)."""
+    if not timer.enabled or backend.meter is timer.meter:
+        return contextlib.nullcontext()
+    return backend.metered(timer.meter)
+
+
+def _generate_tokens(backend, plan, rng, timer, on_step, noise, alive):
     noise = noise or noise_source(rng, backend.device)
     p, total = backend.parallel_num, plan.images
-    wb = backend.weight_bytes(plan)
     num_blocks = plan.tokens // p
     live = list(range(total))  # the images still computed (indices among the plan's)
+    rows = None  # live as a device index once images were dropped (no host sync per block)
     gone = set()  # dropped images a backend without drop() keeps computing
     backend.begin(plan)
-    with timer.stage("prefill", calls=wb.get("prefill_calls", 1), weight_bytes=wb.get("prefill", 0)):
+    with timer.stage("prefill"):
         cond = backend.prefill()
     out = torch.zeros((total, plan.tokens, backend.ch_target), device=backend.device)
     for k in range(num_blocks):
         draws = noise.block(len(live), p, backend.ch_target, plan.steps, backend.device)
-        with timer.stage("head", calls=wb.get("head_calls", plan.steps + 1),
-                         weight_bytes=wb.get("head", 0)):
+        with timer.stage("head"):
             x = backend.sample_head(cond, draws)
         tokens = torch.sign(x)
-        out[live, k * p:(k + 1) * p] = tokens
+        if rows is None:
+            out[:, k * p:(k + 1) * p] = tokens
+        else:
+            out[rows, k * p:(k + 1) * p] = tokens
         if k + 1 < num_blocks or backend.final_block_step:
-            with timer.stage("block_step", calls=wb.get("block_step_calls", 1),
-                             weight_bytes=wb.get("block_step", 0)):
+            with timer.stage("block_step"):
                 cond = backend.block_step(tokens, k)
         dropped = set(on_step(k + 1, num_blocks) or ()) if on_step else set()
         if dropped & set(live) and k + 1 < num_blocks:
@@ -69,6 +84,7 @@ def generate_tokens(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | 
             if backend.can_drop:
                 cond = backend.drop(keep, cond)
                 live = [live[i] for i in keep]
+                rows = torch.tensor(live, device=backend.device)
                 noise.keep(live, total)
             else:
                 gone |= dropped
@@ -88,20 +104,21 @@ def generate(backend: Backend, plan: ImagePlan, rng, timer: StageTimer | None = 
     noise = noise_source(rng, backend.device)
     timer.start()
     alive = []
-    tokens = generate_tokens(backend, plan, None, timer, on_step, noise=noise, alive=alive)
-    images = None
-    if alive:
-        decoder_noise = None
-        if backend.gan_decoder:
-            decoder_noise = noise.decoder(len(alive), backend.ch_target, plan.h, plan.w,
-                                          backend.device)
-        with timer.stage("decode", calls=1,
-                         weight_bytes=backend.weight_bytes(plan).get("decode", 0)):
-            decoded = backend.decode(tokens[alive], decoder_noise)
-        images = decoded
-        if len(alive) < plan.images:
-            images = torch.zeros((plan.images,) + tuple(decoded.shape[1:]), dtype=decoded.dtype)
-            images[alive] = decoded
+    with metered(backend, timer):
+        tokens = generate_tokens(backend, plan, None, timer, on_step, noise=noise, alive=alive)
+        images = None
+        if alive:
+            decoder_noise = None
+            if backend.gan_decoder:
+                decoder_noise = noise.decoder(len(alive), backend.ch_target, plan.h, plan.w,
+                                              backend.device)
+            with timer.stage("decode"):
+                decoded = backend.decode(tokens[alive], decoder_noise)
+            images = decoded
+            if len(alive) < plan.images:
+                images = torch.zeros((plan.images,) + tuple(decoded.shape[1:]),
+                                     dtype=decoded.dtype)
+                images[alive] = decoded
     timer.stop()
     if images is None:
         up = plan.h * 16, plan.w * 16

@@ -114,10 +114,13 @@ def make_backend(name: str, model: BitDanceModel, engine_dir=None, cuda_graphs: 
     return OnnxRuntimeBackend(model, engine_dir)
 
 
-def preflight(checkpoint, *requests: GenerationRequest) -> ImagePlan:
-    """Check requests against a checkpoint's configs and tokenizer without reading its weights
-    (sizes, numbers, prompt length): errors before any slow work."""
-    return plan_for(load_checkpoint(checkpoint, weights=False), *requests)
+def preflight(checkpoint, *requests: GenerationRequest) -> tuple[ImagePlan, BitDanceModel]:
+    """The plan of ``requests`` from a checkpoint's configs and tokenizer, without reading its
+    weights (sizes, numbers, prompt length checked): errors before any slow work. Returns the
+    plan and the configs it was made with, which ``Session.open(..., configs=)`` reuses
+    instead of reading them again."""
+    configs = load_checkpoint(checkpoint, weights=False)
+    return plan_for(configs, *requests), configs
 
 
 @dataclass
@@ -132,10 +135,12 @@ class Session:
     @classmethod
     def open(cls, checkpoint, backend: str = "torch", device: str | None = None,
              dtype: str | None = None, engine_dir=None, cuda_graphs: bool = True,
-             compile: bool = False, warn=None) -> "Session":
+             compile: bool = False, warn=None, configs: BitDanceModel | None = None) -> "Session":
         """Check every setting, then load the checkpoint (the onnxruntime backend reads only
         its configs and tokenizer: its graphs hold the weights) and build the backend.
-        ``warn(message)`` hears of settings that work but are slow."""
+        ``warn(message)`` hears of settings that work but are slow; ``configs`` (a
+        ``load_checkpoint(..., weights=False)`` of the same directory, e.g. a preflight's) are
+        used instead of reading the configs and tokenizer again."""
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         check_backend(backend, engine_dir)
@@ -144,7 +149,7 @@ class Session:
             warn(f"--dtype {dtypes.LONG[torch_dtype]} on the CPU is about 10x slower than "
                  "float32 (the CPU has no fast kernels for it here); drop --dtype on the CPU")
         model = load_checkpoint(checkpoint, dtype=torch_dtype, device=dev,
-                                weights=backend not in GRAPH_BACKENDS)
+                                weights=backend not in GRAPH_BACKENDS, configs=configs)
         be = make_backend(backend, model, engine_dir, cuda_graphs, compile)
         return cls(model, be, Path(checkpoint), {
             "backend": backend, "device": str(dev), "dtype": dtypes.LONG[torch_dtype]})
@@ -155,21 +160,22 @@ class Session:
 
     def plan(self, *requests: GenerationRequest) -> ImagePlan:
         """The AR plan of one request, or of several that share a size, steps and guidance;
-        every setting is checked here (sizes, prompt length, numbers)."""
+        every setting is checked here (sizes, prompt length, numbers) and each prompt
+        tokenized, once."""
         return plan_for(self.model, *requests)
 
     @torch.no_grad()
-    def generate(self, *requests: GenerationRequest, on_step=None,
-                 timer: StageTimer | None = None) -> list:
-        """One AR run for all ``requests`` (batched); returns, per request, its uint8 images
-        ``[n, H, W, 3]``. Each request draws from its own seed: its images are those it
-        gives alone. ``on_step(done, total)`` is called after every block; it may return the
-        indices (among ``requests``) of requests to drop: they stop being computed at once
-        (the others' images do not change) and their entry in the result is None."""
-        reqs = [r.resolved(self.spec) for r in requests]
-        plan = self.plan(*reqs)
+    def generate(self, *items, on_step=None, timer: StageTimer | None = None) -> list:
+        """One AR run for all ``items`` (batched): requests (planned here) or the plans of
+        :meth:`plan` (used as they are). Returns, per request, its uint8 images ``[n, H, W,
+        3]``. Each request draws from its own seed: its images are those it gives alone.
+        ``on_step(done, total)`` is called after every block; it may return the indices (among
+        the requests) of requests to drop: they stop being computed at once (the others'
+        images do not change) and their entry in the result is None."""
+        plan = ImagePlan.merge(*[i if isinstance(i, ImagePlan) else self.plan(i)
+                                 for i in items])
         spans, start = [], 0
-        for r in reqs:
+        for r in plan.requests:
             spans.append(range(start, start + r.num_images))
             start += r.num_images
         dropped = set()
@@ -179,14 +185,14 @@ class Session:
             dropped.update(drop)
             return [i for j in drop for i in spans[j]]
 
-        images = generate(self.backend, plan, [(r.seed, r.num_images) for r in reqs], timer,
-                          step)
+        images = generate(self.backend, plan, plan.seeds, timer, step)
         return [None if j in dropped else images[span.start:span.stop]
                 for j, span in enumerate(spans)]
 
-    def metadata(self, request: GenerationRequest) -> dict:
-        """What a PNG records of how it was made (text chunks)."""
-        r = request.resolved(self.spec)
+    def metadata(self, request) -> dict:
+        """What a PNG records of how it was made (text chunks); ``request`` a request or a
+        one-request plan."""
+        r = request.request if isinstance(request, ImagePlan) else request.resolved(self.spec)
         return {"prompt": r.prompt, "seed": r.seed, "height": r.height, "width": r.width,
                 "steps": r.steps, "guidance": r.guidance,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else "",

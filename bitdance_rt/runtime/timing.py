@@ -20,6 +20,62 @@ class StageStats:
     per_call: list = field(default_factory=list)
 
 
+class WorkMeter:
+    """The work counted during the current stage: model calls and weight bytes read."""
+
+    def __init__(self):
+        self.calls = 0
+        self.weight_bytes = 0
+
+    def add(self, calls: int = 0, weight_bytes: int = 0) -> None:
+        self.calls += calls
+        self.weight_bytes += weight_bytes
+
+    def take(self) -> tuple[int, int]:
+        out = (self.calls, self.weight_bytes)
+        self.calls = self.weight_bytes = 0
+        return out
+
+
+def _weights_read(module: torch.nn.Module, inputs) -> int:
+    """Bytes of the module's own weights that one forward reads (an embedding: the rows it
+    looks up)."""
+    if isinstance(module, torch.nn.Embedding):
+        return inputs[0].numel() * module.embedding_dim * module.weight.element_size()
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
+@contextmanager
+def watch_modules(meter: WorkMeter, leaves, calls):
+    """Count into ``meter``, while the block runs, every forward of a module under ``leaves``
+    that holds weights (its bytes) and of each of the ``calls`` modules (one call)."""
+    handles, seen = [], set()
+    for root in leaves:
+        for m in (root.modules() if root is not None else ()):
+            if id(m) in seen or next(m.parameters(recurse=False), None) is None:
+                continue
+            seen.add(id(m))
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, inputs: meter.add(weight_bytes=_weights_read(mod, inputs))))
+    for m in calls:
+        if m is not None:
+            handles.append(m.register_forward_pre_hook(lambda mod, inputs: meter.add(calls=1)))
+    try:
+        yield meter
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def model_meter_modules(model):
+    """What :func:`watch_modules` watches for a BitDance model: every network's weights; as
+    calls, the LLM, each evaluation of the head network (its input projection runs once per
+    evaluation, whole or premodulated) and the decoder."""
+    leaves = (model.llm, model.head, model.projector, model.ae)
+    calls = (model.llm.model, model.head.net.input_proj, model.ae.decoder)
+    return leaves, calls
+
+
 class StageTimer:
     """``with timer.stage("head", calls=51, weight_bytes=...):`` accumulates each stage's time.
 
@@ -37,6 +93,7 @@ class StageTimer:
         self.total = 0.0
         self._t0 = None
         self._events = []  # (name, start, end) on CUDA, read at stop()
+        self.meter = WorkMeter()  # what the running stage does; backends add to it
 
     def start(self):
         if self.enabled and self.cuda:
@@ -55,26 +112,32 @@ class StageTimer:
         self.total = time.perf_counter() - self._t0
 
     @contextmanager
-    def stage(self, name: str, calls: int = 1, weight_bytes: int = 0):
+    def stage(self, name: str):
+        """Time the block as stage ``name``; the calls and weight bytes the backend counts
+        into :attr:`meter` meanwhile are the stage's."""
         if not self.enabled:
             yield
             return
         s = self.stats.setdefault(name, StageStats())
-        s.calls += calls
-        s.weight_bytes += weight_bytes
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
+        self.meter.take()  # work done between stages belongs to none
+        try:
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+                self._events.append((name, start, end))
+                return
+            t0 = time.perf_counter()
             yield
-            end.record()
-            self._events.append((name, start, end))
-            return
-        t0 = time.perf_counter()
-        yield
-        dt = time.perf_counter() - t0
-        s.seconds += dt
-        s.per_call.append(dt)
+            dt = time.perf_counter() - t0
+            s.seconds += dt
+            s.per_call.append(dt)
+        finally:
+            calls, nbytes = self.meter.take()
+            s.calls += calls
+            s.weight_bytes += nbytes
 
     def as_dict(self) -> dict:
         return {

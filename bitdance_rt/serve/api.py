@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from pydantic import ValidationError
 
 from ..errors import BitDanceError, UnsupportedSizeError
-from ..request import GenerationRequest
+from ..request import GenerationRequest, ImagePlan
 
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 
@@ -104,9 +104,10 @@ def size_text(height: int, width: int) -> str:
     return f"{width}x{height}"
 
 
-def to_request(body: ImagesBody, session, model_id: str) -> GenerationRequest:
-    """The library request ``body`` asks for, checked by ``session.plan`` (every setting, the
-    prompt's length included); ApiError 400 with the library's message otherwise."""
+def to_request(body: ImagesBody, session, model_id: str) -> ImagePlan:
+    """The plan of the library request ``body`` asks for, made by ``session.plan`` (every
+    setting checked, the prompt's length included, the prompt tokenized: once, the plan then
+    travels to the scheduler); ApiError 400 with the library's message otherwise."""
     if body.response_format != "b64_json":
         raise ApiError(400, f"response_format {body.response_format!r} is not supported: this "
                        "server returns images inline; use \"b64_json\"", "response_format")
@@ -131,14 +132,13 @@ def to_request(body: ImagesBody, session, model_id: str) -> GenerationRequest:
                             guidance=None if body.guidance is None else float(body.guidance),
                             seed=body.seed, num_images=body.n)
     try:
-        session.plan(req)
+        return session.plan(req)
     except UnsupportedSizeError:
         sizes = ", ".join(size_text(h, w) for h, w in session.spec.info.sizes)
         raise ApiError(400, f"size {body.size} (width x height) is not supported by this "
                        f"model; choose one of: {sizes}", "size") from None
     except BitDanceError as e:
         raise ApiError(400, str(e), _param_of(str(e))) from None
-    return req.resolved(session.spec)
 
 
 def _param_of(message: str) -> str | None:

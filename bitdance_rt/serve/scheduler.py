@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import BitDanceError
-from ..request import GenerationRequest
+from ..request import GenerationRequest, ImagePlan
 from ..runtime.timing import StageTimer
 
 log = logging.getLogger("bitdance_rt.serve")
@@ -55,7 +55,7 @@ class Job:
     """One request's way through the scheduler. ``listener()`` is called (from any thread)
     after every change of state or progress."""
 
-    request: GenerationRequest                 # resolved: every setting filled in
+    plan: ImagePlan                            # one request's, made (and tokenized) once
     listener: Callable[[], None] | None = None
     arrived: float = field(default_factory=time.monotonic)
     state: str = QUEUED
@@ -67,6 +67,11 @@ class Job:
     images: object = None                      # uint8 [n, H, W, 3] when done
     error: BaseException | None = None
     reason: str | None = None                  # why it was cancelled
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The request, resolved: every setting filled in."""
+        return self.plan.request
 
     @property
     def key(self) -> tuple:
@@ -209,7 +214,7 @@ class Scheduler:
         timer = StageTimer(self.session.settings.get("device", "cpu"))
         t0 = time.monotonic()
         try:
-            outs = self.session.generate(*[j.request for j in batch],
+            outs = self.session.generate(*[j.plan for j in batch],
                                          on_step=self._on_step(batch), timer=timer)
         except _Abandoned:
             log.info("run of %d request(s) abandoned: every client went away", len(batch))

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 
-from ..request import GenerationRequest
+from ..request import GenerationRequest, ImagePlan
 from .api import ApiError, ImagesBody, size_text, to_request
 from .config import ServeConfig
 from .metrics import Metrics
@@ -108,16 +108,17 @@ class ImageService:
                            headers={"Retry-After": "5"})
         raise ApiError(503, f"the model failed to load: {self.error}")
 
-    def request_from(self, body: ImagesBody) -> GenerationRequest:
+    def request_from(self, body: ImagesBody) -> ImagePlan:
+        """The request's plan (checked and tokenized once; it travels to the scheduler)."""
         self.check_ready()
-        req = to_request(body, self.session, self.model_id)
-        if req.num_images > self.config.max_batch:
+        plan = to_request(body, self.session, self.model_id)
+        if plan.request.num_images > self.config.max_batch:
             raise ApiError(400, f"n must be at most {self.config.max_batch} on this server "
                            "(its --max-batch); ask for fewer images per request", "n")
-        return req
+        return plan
 
-    def submit(self, req: GenerationRequest, listener=None) -> Job:
-        job = Job(req, listener=listener)
+    def submit(self, plan: ImagePlan, listener=None) -> Job:
+        job = Job(plan, listener=listener)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:

@@ -15,12 +15,11 @@ import torch
 
 from ...checkpoint import BitDanceModel
 from ...models.kv_cache import ConcatKVCache
-from ...models.steps import block_step, decode_tokens, image_start, prompt_pass
+from ...models.steps import block_step, decode_tokens, image_start, prompt_pass, tile_rows
 from ...request import ImagePlan
 from ...sampling import sample_block, step_schedule
 from ..backend import Backend
 from ..buffers import block_posembs
-from ..timing import module_bytes
 
 
 class HeadFn:
@@ -49,17 +48,6 @@ class ReferenceBackend(Backend):
         self.gan_decoder = model.spec.ae.gan_decoder
         self.head_fn = HeadFn(model)
 
-    def weight_bytes(self, plan: ImagePlan) -> dict:
-        llm = self.model.llm.model
-        layers = module_bytes(llm.layers) + module_bytes(llm.norm)
-        groups = len(plan.groups())
-        return {"prefill": 2 * groups * layers, "prefill_calls": 2 * groups,
-                "block_step": groups * layers + module_bytes(self.model.projector),
-                "block_step_calls": groups,
-                "head": (plan.steps + 1) * module_bytes(self.model.head),
-                "head_calls": plan.steps + 1,
-                "decode": module_bytes(self.model.ae.decoder)}
-
     def begin(self, plan: ImagePlan) -> None:
         self.plan = plan
         self.groups = [(a, b, ConcatKVCache(self.model.spec.llm.num_hidden_layers))
@@ -83,7 +71,7 @@ class ReferenceBackend(Backend):
                             self.coeffs)
 
     def block_step(self, tokens, block):
-        rows = torch.cat([tokens] * (self.plan.rows // tokens.shape[0]))
+        rows = tile_rows(tokens, self.plan.rows)
         return torch.cat([block_step(self.model, rows[a:b], self.pe[block], self.pe[block + 1],
                                      cache) for a, b, cache in self.groups])
 
