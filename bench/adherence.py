@@ -143,7 +143,7 @@ def main(argv=None):
                     help="comma-separated scales; 'default' = the model's own")
     ap.add_argument("--steps", type=int, default=None, help="default: the model's own")
     ap.add_argument("--backend", choices=("reference", "torch", "onnxruntime"), default="torch")
-    ap.add_argument("--engine-dir", type=Path, default=None,
+    ap.add_argument("--export-dir", "--engine-dir", dest="engine_dir", type=Path, default=None,
                     help="for --backend onnxruntime: a directory written by bitdance-export")
     ap.add_argument("--batch", type=int, default=1, help="prompts per AR run")
     ap.add_argument("--seed", type=int, default=0)

@@ -22,8 +22,8 @@ import bitdance_rt  # noqa: E402,F401  (before torch: sets the CPU thread and MK
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bitdance_rt.plugins import kv_attention  # noqa: E402
-from bitdance_rt.plugins.sdpa import repeat_kv  # noqa: E402
+from bitdance_rt.attention import kv_attention  # noqa: E402
+from bitdance_rt.attention.sdpa import repeat_kv  # noqa: E402
 
 
 def sdpa_concat(q, k_new, v_new, caches, lens):
@@ -59,7 +59,7 @@ def config_sweep(dev, dtype, hq, hkv, d, t, n, iters) -> list[dict]:
     """The Triton kernel at one cache length under several block sizes: time per call and
     error against fp32 SDPA, so one GPU session gathers the data for tuning ``pick_config``
     (the first row is its current choice for the 14b shapes)."""
-    from bitdance_rt.plugins.triton_attention import kv_attention_triton, pick_config
+    from bitdance_rt.attention.triton_attention import kv_attention_triton, pick_config
 
     gen = torch.Generator(dev).manual_seed(1)
     lens = [n, max(1, n - 37)]

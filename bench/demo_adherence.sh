@@ -30,7 +30,7 @@ for run in $RUNS; do
     torch) adherence torch --backend torch --autoencoder ;;
     onnxruntime)  # the exported graphs on ONNX Runtime (CPU provider)
         [ -f "$OUT/onnx/manifest.json" ] || bitdance-export --checkpoint "$CKPT" --out "$OUT/onnx" >&2
-        adherence onnxruntime --backend onnxruntime --engine-dir "$OUT/onnx" ;;
+        adherence onnxruntime --backend onnxruntime --export-dir "$OUT/onnx" ;;
     fp8-weight|fp8|int8-weight|int8-sq)
         # calibrated on 64 training-set captions (none of them held out)
         if [ ! -f "$OUT/calibration.safetensors" ]; then

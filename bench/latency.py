@@ -122,7 +122,7 @@ def copy_bandwidth(device, nbytes: int = 2 << 30, iters: int = 10) -> float:
 
 
 def weight_floor(model, plan: ImagePlan, bandwidth: float) -> dict:
-    """SPEC section 3's floor: every weight read once per call at the copy bandwidth, for one
+    """The weight-read floor: every weight read once per call at the copy bandwidth, for one
     batched LLM call per block (layers only), the whole head per evaluation and the decoder."""
     from bitdance_rt.runtime.timing import module_bytes
 
@@ -164,7 +164,7 @@ def main(argv=None):
     ap.add_argument("--recipe", default=None,
                     help="quantize the model first (fp8-weight, fp8, int8-weight, int8-sq; "
                     "random weights get placeholder activation scales: for timing only)")
-    ap.add_argument("--engine-dir", default=None,
+    ap.add_argument("--export-dir", "--engine-dir", dest="engine_dir", default=None,
                     help="onnxruntime and tensorrt: an export directory (bitdance-export; with "
                     "the engines of `bitdance-export build` in its engines/ for tensorrt)")
     ap.add_argument("--replay", type=int, default=20,
@@ -193,6 +193,10 @@ def main(argv=None):
 
     results = {}
     for name in args.backends.split(","):
+        if args.recipe:
+            from bitdance_rt.models.quant import QuantLinear
+
+            QuantLinear.reset_fp8_paths()
         run = make_runner(name, model, args)
         for _ in range(args.warmup):
             run(plan, StageTimer(args.device, enabled=False))
@@ -202,6 +206,8 @@ def main(argv=None):
             run(plan, timers[-1])
         best = min(timers, key=lambda t: t.total)
         results[name] = {**best.as_dict(), **block_growth(timers)}
+        if args.recipe:  # which path the E4M3 layers took (before the replay's calls)
+            results[name]["fp8_path"] = QuantLinear.fp8_path_record()
         be = getattr(run, "backend", None)
         if args.replay and be is not None:
             results[name].update(replay_block_growth(be, plan, args.replay) or {})
@@ -235,6 +241,12 @@ def main(argv=None):
             print(f"{n}: LLM block step replayed in alternation ({r['replay_reps']} pairs): first "
                   f"{r['replay_first_s'] * 1e3:.2f} ms, last {r['replay_last_s'] * 1e3:.2f} ms "
                   f"(x{r['replay_growth']:.2f})")
+    for n in names:
+        if "fp8_path" in results[n]:
+            fp = results[n]["fp8_path"]
+            print(f"{n}: E4M3 layers ran {fp['path']} (Python-side forward calls: torch._scaled_mm "
+                  f"{fp['scaled_mm']}, dequantize fallback {fp['dequantize']}; CUDA-graph "
+                  "replays not counted)")
     floor = None
     if torch.device(args.device).type == "cuda":
         floor = weight_floor(model, plan, copy_bandwidth(args.device))

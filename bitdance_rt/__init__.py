@@ -4,14 +4,13 @@ import os
 
 __version__ = "0.1.0"
 
-# Reproducible CPU matrix products. By default oneMKL picks its float32 GEMM kernels and its
-# split of the reduction between threads by the number of rows, so the same row rounds
-# differently when it is computed alone, with the other guidance branch, with every sampler
-# step's rows or with another request's: a backend that batches differently from the reference
-# would draw another image for the same seed. MKL's strict conditional numerical reproducibility
-# keeps one summation order per row whatever the batch and the thread count (checked by
-# tests/test_models.py; it costs a few percent on small products). It must be set before MKL's
-# first product, so it is set here, on import; a value the user set is kept.
+# Reproducible CPU matrix products. oneMKL picks its float32 GEMM kernel and its split of the
+# work between threads from the shape and the thread count; its strict conditional numerical
+# reproducibility fixes the summation order for a given shape whatever the number of threads.
+# It does not make a row independent of the number of rows computed with it (oneMKL computes 1
+# to 3 rows with another kernel, in strict mode too): bitdance_rt.models.linear does that by
+# computing every product in tiles of one shape (tests/test_library.py checks both). It must be
+# set before MKL's first product, so it is set here, on import; a value the user set is kept.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # OpenMP threads that sleep between parallel regions instead of spinning. The AR loop runs

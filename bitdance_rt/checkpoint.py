@@ -1,4 +1,4 @@
-"""Checkpoint directories in the released layout (SPEC section 1): presets, loading, tokenizer.
+"""Checkpoint directories in the released layout (listed below): presets, loading, tokenizer.
 
 A checkpoint directory holds ``config.json`` + ``model*.safetensors`` (the Qwen3 LLM),
 ``tokenizer.json``, ``ae_config.json`` + ``ae.safetensors``, ``vision_head_config.json`` +

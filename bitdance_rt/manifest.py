@@ -1,11 +1,18 @@
-"""Reading and verifying an export directory's ``manifest.json`` (the runtime, ``check`` and
-``build``), and the content hashes that make every file the runtime trusts checkable.
+"""An export directory's ``manifest.json``: writing it (the exporter), reading and verifying
+it (the runtime, ``check`` and ``build``), and the content hashes that make every file the
+runtime trusts checkable.
+
+A manifest records the preset, the config hash of the exported model (``ModelSpec.config_hash()``,
+of the truncated model when ``--num-layers`` was given, with the checkpoint's own hash beside
+it), the dtype, opset, attention, the supported envelope (``max_batch``, ``max_seq``), tool
+versions, and per graph its files with their sizes and content hashes and every input and
+output with shape, dtype and dynamic axes, and a fingerprint of the checkpoint's weights
+(:func:`~bitdance_rt.checkpoint.weights_fingerprint`).
 
 A consumer refuses a directory that does not match the model it is given (its shapes or its
 weights), that another version of ``bitdance-export`` wrote, or whose files are missing, of the
 wrong size or of other content than the export wrote (sha256), each with an
-:class:`~bitdance_rt.errors.EngineError` naming the file and the fix. Writing a manifest is
-:mod:`bitdance_rt.export.manifest`.
+:class:`~bitdance_rt.errors.EngineError` naming the file and the fix.
 
 Hashing a 28 GB export takes tens of seconds, so a verified hash is remembered per directory in
 :data:`VERIFIED` (file name, size, modification time and inode): a file that was not touched
@@ -23,12 +30,16 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
+import time
+from importlib import metadata
 from pathlib import Path
 
 from .errors import EngineError
 
 MANIFEST = "manifest.json"
-FORMAT = 3  # 3: sha256 of every graph file; native attention (per-layer caches in and out)
+FORMAT = 4  # 3: sha256 of every graph file; native attention (per-layer caches in and out);
+#            4: the plugin form's node is bitdance::kv_attend (it reads the cache only)
 GRAPHS = ("prefill", "block_step", "head_prepare", "head_step", "decoder")
 VERIFIED = ".bitdance-verified.json"  # the per-directory cache of verified hashes
 
@@ -305,3 +316,53 @@ def ort_session_options(manifest: dict, cpu: bool):
     if "fp8-activations" in (manifest.get("quantization") or ()):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return opts
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing a manifest (the exporter)
+
+
+def tool_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("bitdance-rt", "torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime",
+                "polygraphy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _value_info(v) -> dict:
+    from onnx import helper
+
+    t = v.type.tensor_type
+    shape = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in t.shape.dim]
+    return {"name": v.name, "dtype": helper.tensor_dtype_to_np_dtype(t.elem_type).name
+            if t.elem_type != 16 else "bfloat16", "shape": shape}
+
+
+def describe_graph(out_dir: Path, files: list[str]) -> dict:
+    """Files, sizes, inputs, outputs and dynamic axes of a written graph."""
+    import onnx
+
+    model = onnx.load(str(out_dir / files[0]), load_external_data=False)
+    inputs = [_value_info(v) for v in model.graph.input]
+    outputs = [_value_info(v) for v in model.graph.output]
+    dynamic = {}
+    for v in inputs + outputs:
+        axes = {str(i): d for i, d in enumerate(v["shape"]) if isinstance(d, str)}
+        if axes:
+            dynamic[v["name"]] = axes
+    hashes = {f: sha256_file(out_dir / f) for f in files}
+    remember_hashes(out_dir, hashes)  # the first run after the export need not rehash
+    return {"file": files[0], "files": {f: (out_dir / f).stat().st_size for f in files},
+            "sha256": hashes, "inputs": inputs, "outputs": outputs, "dynamic_axes": dynamic,
+            "external_data": len(files) > 1}
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest}
+    path = out_dir / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

@@ -14,11 +14,10 @@ import re
 from dataclasses import dataclass, replace
 
 from .errors import BitDanceError, RequestError
+from .limits import (DEFAULT_SEED, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS,
+                     MIN_GUIDANCE)
 from .spec import RELEASED_SIZES, Defaults, ModelSpec, check_size
 
-MAX_SEED = 2**63 - 1
-MAX_STEPS = 1000
-MAX_GUIDANCE = 100.0
 
 
 def conditional_text(prompt: str) -> str:
@@ -54,7 +53,7 @@ class GenerationRequest:
     width: int | None = None
     steps: int | None = None
     guidance: float | None = None
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     num_images: int = 1
 
     def resolved(self, spec: ModelSpec | None = None) -> "GenerationRequest":
@@ -77,14 +76,14 @@ class GenerationRequest:
         r = self if self.is_resolved else self.resolved(spec)
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise RequestError("the prompt is empty; describe the image to draw")
-        if not (isinstance(r.num_images, int) and 1 <= r.num_images <= 64):
-            raise RequestError(f"the number of images must be between 1 and 64, got "
+        if not (isinstance(r.num_images, int) and 1 <= r.num_images <= MAX_IMAGES):
+            raise RequestError(f"the number of images must be between 1 and {MAX_IMAGES}, got "
                                f"{r.num_images!r}")
         if not (isinstance(r.steps, int) and 1 <= r.steps <= MAX_STEPS):
             raise RequestError(f"steps must be between 1 and {MAX_STEPS} (50 is the authors' "
                                f"setting, 25 the fast one), got {r.steps!r}")
         g = r.guidance
-        if not isinstance(g, (int, float)) or not math.isfinite(g) or not 1.0 <= g <= MAX_GUIDANCE:
+        if not isinstance(g, (int, float)) or not math.isfinite(g) or not MIN_GUIDANCE <= g <= MAX_GUIDANCE:
             raise RequestError(f"guidance must be a number from 1.0 (no guidance) to "
                                f"{MAX_GUIDANCE:g}, got {g!r}")
         if not (isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED):

@@ -1,5 +1,5 @@
-"""The head sampler (SPEC section 2): Euler-Maruyama steps with a final Euler step, and the
-random numbers it draws.
+"""The head sampler (the authors', as bitdance_rt/runtime/backends/reference.py runs it):
+Euler-Maruyama steps with a final Euler step, and the random numbers it draws.
 
 Every backend and every exported graph computes a step with these functions: the schedule
 (:func:`time_grid`, :func:`step_schedule`), the velocity and guidance (:func:`head_step`,

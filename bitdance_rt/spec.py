@@ -1,7 +1,8 @@
 """What a BitDance model is, without its weights: the shapes of its four networks, the image
 sizes it generates and its default settings, and the named presets.
 
-A checkpoint directory describes its shapes in its three config files (SPEC section 1). A model
+A checkpoint directory describes its shapes in its three config files (``config.json``,
+``ae_config.json``, ``vision_head_config.json``: :func:`bitdance_rt.checkpoint.read_spec`). A model
 that is not one of the released ones (the built-in demo model) may add ``bitdance_rt.json``
 declaring the sizes it supports and its defaults; the released checkpoints have no such file
 and get the 18 released sizes and the authors' defaults.

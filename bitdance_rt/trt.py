@@ -35,6 +35,14 @@ INSTALL = ("install datacenter TensorRT for H100/H200/B200 and other datacenter 
            "install 'bitdance-rt[trt]')")
 # what TensorRT-RTX engines run on when no target is set (its documented portable default)
 RTX_DEFAULT_TARGETS = ("sm80", "sm86", "sm89", "sm120", "sm121")
+# every GPU TensorRT-RTX can build for and run on (Turing to consumer Blackwell; no Hopper sm90
+# and no datacenter Blackwell sm100): used when its module does not list them
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+# the layers that --attention native graphs become (ONNX Attention, TensorScatter), and the
+# first datacenter TensorRT whose ONNX parser makes them
+NATIVE_LAYERS = ("ATTENTION_OUTPUT", "KV_CACHE_UPDATE")
+NATIVE_MIN_VERSION = (10, 15)
+GPU_NAMES = {"sm90": "Hopper: H100/H200", "sm100": "Blackwell: B200", "sm103": "Blackwell: B300"}
 
 
 class TensorRTError(BitDanceError):
@@ -78,8 +86,65 @@ class Flavor:
         return {name.lower(): value for name, value in enum.__members__.items()
                 if name.startswith("SM")}
 
+    def targets(self) -> tuple[str, ...] | None:
+        """The GPUs this flavor's engines can run on (TensorRT-RTX: its compute-capability
+        targets); None for datacenter TensorRT, which builds for the GPU it runs on."""
+        if not self.rtx:
+            return None
+        return tuple(sorted(self.compute_capabilities(), key=_sm_key)) or RTX_TARGETS
+
+    def native_attention(self) -> str | None:
+        """None when ``--attention native`` graphs build here (TensorRT's attention and KV-cache
+        update layers exist), else why not, with the fix (one line)."""
+        layer_type = getattr(self.trt, "LayerType", None)
+        missing = [n for n in NATIVE_LAYERS if not hasattr(layer_type, n)]
+        old = not self.rtx and _version_tuple(self.version) < NATIVE_MIN_VERSION
+        if not missing and not old:
+            return None
+        alt = "or export with --attention standard"
+        if self.rtx:
+            return (f"--attention native graphs need TensorRT-RTX's attention and KV-cache "
+                    f"update layers, which {self.label} {self.version} lacks; pip install -U "
+                    f"tensorrt-rtx-cu12, {alt}")
+        need = ".".join(map(str, NATIVE_MIN_VERSION))
+        return (f"--attention native graphs need TensorRT >= {need} (its attention and "
+                f"KV-cache update layers), and this is {self.label} {self.version}; pip "
+                f"install -U 'tensorrt>={need}', {alt}")
+
     def logger(self):
         return self.trt.Logger(self.trt.Logger.WARNING)
+
+
+def _sm_key(name: str) -> int:
+    digits = "".join(c for c in name if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def host_refusal(flavor: Flavor, gpu: str | None, then: str = "") -> str | None:
+    """Why ``flavor`` cannot run engines on this machine's GPU (``gpu``: ``sm90``; None: no
+    GPU, nothing to say), with a fix that works for it (``then``: what to do after installing
+    datacenter TensorRT); None when it can. TensorRT-RTX has no Hopper (sm90) or datacenter
+    Blackwell target: such a GPU needs datacenter TensorRT."""
+    targets = flavor.targets()
+    if gpu is None or targets is None or gpu in targets:
+        return None
+    if _sm_key(gpu) < 75:
+        return (f"this machine's GPU is {gpu}, older than any TensorRT engine target (Turing, "
+                "sm75, and newer); use --backend torch or onnxruntime")
+    kind = f" ({GPU_NAMES[gpu]})" if gpu in GPU_NAMES else ""
+    return (f"this machine's GPU is {gpu}{kind}, which {flavor.label} cannot build for or run "
+            f"on (its targets: {', '.join(targets)}); to run engines here install datacenter "
+            f"TensorRT (pip install tensorrt, from NVIDIA's package index){then}")
 
 
 def load(name: str | None = None) -> Flavor:

@@ -120,7 +120,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tiny_ckpt, tmp_path):
     (["--device", "CPU"], ["--device"]),
     (["--dtype", "int4"], ["--dtype"]),
     (["--backend", "tensorflow"], ["unknown --backend"]),
-    (["--backend", "onnxruntime"], ["--engine-dir"]),
+    (["--backend", "onnxruntime"], ["--export-dir"]),
 ])
 def test_bad_settings_are_one_line_before_loading(tiny_ckpt, tmp_path, no_weights, args, words):
     one_line_error(gen(tiny_ckpt, "--out", str(tmp_path / "x.png"), *args), *words)
@@ -239,3 +239,11 @@ def test_bf16_export_on_a_cpu_machine_warns_first(tmp_path):
                                         str(tmp_path / "e"), "--dtype", "bf16"])
     assert "warning: bf16 graphs are for TensorRT" in r.output
     one_line_error(r, "does not exist")
+
+
+def test_engine_dir_is_an_alias_of_export_dir(tiny_ckpt, tmp_path, no_weights):
+    """The old flag name still reaches the same check (users' scripts keep working)."""
+    for flag in ("--export-dir", "--engine-dir"):
+        r = gen(tiny_ckpt, "--out", str(tmp_path / "x.png"), "--backend", "torch", flag,
+                str(tmp_path))
+        one_line_error(r, "--export-dir is for --backend onnxruntime or tensorrt")

@@ -259,7 +259,9 @@ class Batch:
 
 def build_batch(tokenizer, texts: list[str], tokens: torch.Tensor, h: int, w: int, p: int,
                 conditional: list[bool]) -> Batch:
-    """The teacher-forcing layout of inference (SPEC section 2), left padded to one length.
+    """The teacher-forcing layout of inference (the sequence bitdance_rt/request.py builds;
+    tests/test_demo_train.py::test_teacher_forcing_equals_incremental_inference checks it),
+    left padded to one length.
 
     Per row: text ids, ``<|vision_start|>``, ``<|res_h|>`` (causal), then the block
     [``<|res_w|>``, queries] and the image blocks 0 .. n-2 (block-causal: each block sees

@@ -24,8 +24,8 @@ Usage:
   bitdance-export make-tiny DIR                           a small random test checkpoint
 
 \b
-Then: bitdance-rt generate --backend onnxruntime --engine-dir DIR ...
-      bitdance-rt generate --backend tensorrt --engine-dir DIR ...  (CUDA GPU)
+Then: bitdance-rt generate --backend onnxruntime --export-dir DIR ...
+      bitdance-rt generate --backend tensorrt --export-dir DIR ...  (CUDA GPU)
 """
 
 
@@ -56,7 +56,7 @@ def export_main(
     attention: Optional[str] = typer.Option(
         None, help="standard (plain ONNX operators), native (ONNX Attention + TensorScatter, "
         "the cache written in place: TensorRT's own layers; runs in ONNX Runtime too) or "
-        "plugin (the bitdance::kv_attention node for datacenter TensorRT's plugin). Default: "
+        "plugin (the bitdance::kv_attend node for datacenter TensorRT's plugin). Default: "
         "native with --engines, else standard."),
     engines: bool = typer.Option(False, "--engines", help="Also build TensorRT engines into "
                                  "OUT/engines (see `bitdance-export build --help`)."),

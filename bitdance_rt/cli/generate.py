@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from ..limits import DEFAULT_SEED
 from .app import DEBUG_OPTION, rt_app
 
 
@@ -62,7 +63,7 @@ def generate(
                                         "model's; 50 for the released models, 25 is fast)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1.0 "
                                              "disables it (default: the model's; 7.5)."),
-    seed: int = typer.Option(42, help="Random seed (same seed, same image)."),
+    seed: int = typer.Option(DEFAULT_SEED, help="Random seed (same seed, same image)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if "
                                          "present)."),
@@ -71,10 +72,12 @@ def generate(
     out: Path = typer.Option(Path("bitdance.png"), "--out", "-o",
                              help="Output PNG; with several images _0, _1, ... are appended."),
     backend: str = typer.Option("torch", help="torch (fast loop), reference (the eager "
-                                "baseline), onnxruntime or tensorrt (both need --engine-dir)."),
+                                "baseline), onnxruntime or tensorrt (both need --export-dir)."),
     engine_dir: Optional[Path] = typer.Option(
-        None, "--engine-dir", help="onnxruntime: a directory written by bitdance-export; "
-        "tensorrt: the same directory (or its engines/) after `bitdance-export build`."),
+        None, "--export-dir", "--engine-dir", help="onnxruntime: a directory written by "
+        "bitdance-export; "
+        "tensorrt: the same directory (or its engines/) after `bitdance-export build` "
+        "(--engine-dir: the old name, kept for this release)."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="Replay the head loop and block step as CUDA graphs."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the head (torch)."),

@@ -93,7 +93,7 @@ def memory_cmd(
     """Print the GPU memory one generation needs with the PyTorch backend on CUDA (weights per
     component, KV cache, head buffers, CUDA-graph pools, activations), computed from the
     shapes without allocating anything."""
-    from ..calibration.memory import memory_budget
+    from ..memory import memory_budget
     from ..calibration.recipes import get_recipe
     from ..spec import preset as get_preset
 

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import BitDanceError
+from ..limits import SERVE_HOST, SERVE_MAX_BATCH, SERVE_MAX_QUEUE, SERVE_PORT, SERVE_TIMEOUT_S
 from .app import DEBUG_OPTION, rt_app
 
 
@@ -18,21 +19,23 @@ def serve(
         None, "--checkpoint", "-c", help="Checkpoint directory (released layout). "
         "Default: the built-in demo model."),
     backend: str = typer.Option("torch", help="torch, reference, or a graph backend "
-                                "(onnxruntime, tensorrt) with --engine-dir."),
-    engine_dir: Optional[Path] = typer.Option(None, "--engine-dir",
-                                              help="Directory written by bitdance-export."),
+                                "(onnxruntime, tensorrt) with --export-dir."),
+    engine_dir: Optional[Path] = typer.Option(None, "--export-dir", "--engine-dir",
+                                              help="Directory written by bitdance-export "
+                                              "(--engine-dir: the old name, kept for this "
+                                              "release)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if "
                                          "present)."),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default; "
+    host: str = typer.Option(SERVE_HOST, help="Address to listen on (loopback by default; "
                              "0.0.0.0 to accept other machines)."),
-    port: int = typer.Option(8000, help="Port to listen on."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most images in one AR run (requests "
+    port: int = typer.Option(SERVE_PORT, help="Port to listen on."),
+    max_batch: int = typer.Option(SERVE_MAX_BATCH, "--max-batch", help="Most images in one AR run (requests "
                                   "with the same size, steps and guidance share a run)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting; more are "
+    max_queue: int = typer.Option(SERVE_MAX_QUEUE, "--max-queue", help="Most requests waiting; more are "
                                   "answered 429 with Retry-After."),
-    timeout: float = typer.Option(600.0, help="Seconds a request may take from arrival to "
+    timeout: float = typer.Option(SERVE_TIMEOUT_S, help="Seconds a request may take from arrival to "
                                   "answer; then 504 (its rows are dropped at the next block)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="BITDANCE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every "

@@ -8,7 +8,7 @@
                    fused in
 - ``decoder``      latents to a uint8 image
 
-One module per graph (its wrapper, example and random inputs, and the PyTorch reference that
+One module per graph (its wrapper, example and random inputs, and the PyTorch outputs that
 ``check`` compares against); ``exporter`` writes a directory, ``manifest`` describes it,
 ``check`` compares it with PyTorch through Polygraphy, ``build`` turns its graphs into
 TensorRT engines (``bitdance-export build``), ``native`` and ``attention`` hold the forms of

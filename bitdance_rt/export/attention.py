@@ -6,7 +6,7 @@ Three forms (``--attention``):
 - ``native``:   ONNX ``Attention`` and ``TensorScatter`` over per-layer caches written in place
                 by the graph (:mod:`bitdance_rt.export.native`); TensorRT >= 10.15 and
                 TensorRT-RTX import them as their own layers; ONNX Runtime runs them too.
-- ``plugin``:   the custom ``bitdance::kv_attention`` node (datacenter TensorRT's plugin).
+- ``plugin``:   the custom ``bitdance::kv_attend`` node (datacenter TensorRT's plugin).
 
 A standard or plugin graph never writes the KV cache: it reads the cache ``[S, Hkv, S_max, D]`` of each
 layer plus per-sequence lengths ``cache_lens [S]``, attends over ``[0, cache_lens[s])`` of the
@@ -24,13 +24,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import BitDanceError
-from ..plugins.reference import attend
+from ..attention.plain import attend
 
 ATTENTION_CHOICES = ("standard", "native", "plugin")
 
 
 def standard_kv_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, mode: str):
-    """:func:`~bitdance_rt.plugins.reference.attend` as the graph computes it: products in the
+    """:func:`~bitdance_rt.attention.plain.attend` as the graph computes it: products in the
     model dtype, softmax in float32, and no pass over the cache's unused slots (the runtime
     zero-initializes its cache, so they hold finite values)."""
     return attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mode, fp32_math=False,
@@ -49,7 +49,7 @@ def attention_fn(name: str):
     through :class:`~bitdance_rt.export.native.NativeKV` instead)."""
     check_attention(name)
     if name == "plugin":
-        from ..plugins.onnx_node import plugin_kv_attention
+        from ..attention.onnx_node import plugin_kv_attention
 
         return plugin_kv_attention
     return standard_kv_attention
@@ -57,11 +57,11 @@ def attention_fn(name: str):
 
 def attention_translations(name: str) -> dict | None:
     """``custom_translation_table`` the exporter needs for ``--attention name`` (None for
-    standard operators; the ``bitdance::kv_attention`` node for the plugin; the
+    standard operators; the ``bitdance::kv_attend`` node for the plugin; the
     ``TensorScatter`` node for native)."""
     check_attention(name)
     if name == "plugin":
-        from ..plugins.onnx_node import onnx_translation_table
+        from ..attention.onnx_node import onnx_translation_table
 
         return onnx_translation_table()
     if name == "native":

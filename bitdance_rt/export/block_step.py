@@ -64,7 +64,7 @@ class NativeBlockStep(nn.Module):
 
 
 @torch.no_grad()
-def reference(model, feeds: dict) -> dict:
+def pytorch_outputs(model, feeds: dict) -> dict:
     """The PyTorch backend's block step: tiled tokens through the projector, the LLM over a
     :class:`StaticKVCache` (written in place), new keys read back from the cache."""
     cfg = model.spec.llm
@@ -74,8 +74,8 @@ def reference(model, feeds: dict) -> dict:
         layers = cfg.num_hidden_layers
         stacked = {kind: torch.stack([feeds[f"{kind}_cache_{i}"] for i in range(layers)])
                    for kind in ("k", "v")}
-        out = reference(model, {**{k: v for k, v in feeds.items() if "_cache_" not in k},
-                                "k_cache": stacked["k"], "v_cache": stacked["v"]})
+        out = pytorch_outputs(model, {**{k: v for k, v in feeds.items() if "_cache_" not in k},
+                                      "k_cache": stacked["k"], "v_cache": stacked["v"]})
         caches = {f"{kind}_cache_out_{i}": write_slots(feeds[f"{kind}_cache_{i}"],
                                                        out[new][i], lens)
                   for kind, new in (("k", "new_keys"), ("v", "new_values"))

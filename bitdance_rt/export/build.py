@@ -92,6 +92,16 @@ def check_build_settings(*, attention: str, dtype: str, target: str = "auto",
     ``--engines``, before the weights load)."""
     fl = trt_compat.load(flavor)
     resolve_targets(fl, target)
+    if (target or "auto").lower() == "auto":  # engines for this machine: can its GPU run them?
+        why = trt_compat.host_refusal(
+            fl, trt_compat.gpu_target(), then=" and build with --trt tensorrt; or pass "
+            f"--target with one of {', '.join(fl.targets() or ())} to build for another GPU")
+        if why:
+            raise trt_compat.TensorRTError(why)
+    if attention == "native":
+        why = fl.native_attention()
+        if why:
+            raise trt_compat.TensorRTError(why)
     parse_size(opt_size)
     if opt_batch is not None and opt_batch < 1:
         raise BitDanceError("--opt-batch must be at least 1")
@@ -174,12 +184,18 @@ class _Log:
 
 
 def _decomposable_attention(trt, network) -> int:
-    """Let every attention layer fall back to separate kernels (see the module docstring)."""
+    """Let every attention layer fall back to separate kernels (see the module docstring).
+    A TensorRT without attention layers (datacenter TensorRT before 10.14) has none to set:
+    its standard and plugin graphs build as they are."""
+    kind = getattr(getattr(trt, "LayerType", None), "ATTENTION_OUTPUT", None)
+    boundary = getattr(trt, "IAttentionBoundaryLayer", None)
+    if kind is None or boundary is None:
+        return 0
     n = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type == trt.LayerType.ATTENTION_OUTPUT:
-            layer.__class__ = trt.IAttentionBoundaryLayer
+        if layer.type == kind:
+            layer.__class__ = boundary
             layer.attention.decomposable = True
             n += 1
     return n
@@ -245,7 +261,7 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
     names, caps = resolve_targets(fl, target)
     ranges = dim_ranges(manifest, opt_size, opt_batch)
     if manifest.get("attention") == "plugin":
-        from ..plugins.tensorrt_plugin import register_plugin
+        from ..attention.tensorrt_plugin import register_plugin
 
         register_plugin()
     say = progress or (lambda line: None)

@@ -78,9 +78,9 @@ def cases(model, gen: torch.Generator, slots: int | None = None) -> dict[str, li
     }
 
 
-REFERENCES = {"prefill": prefill.reference, "block_step": block_step.reference,
-              "head_prepare": head_prepare.reference, "head_step": head_step.reference,
-              "decoder": decoder.reference}
+PYTORCH_OUTPUTS = {"prefill": prefill.pytorch_outputs, "block_step": block_step.pytorch_outputs,
+                   "head_prepare": head_prepare.pytorch_outputs,
+                   "head_step": head_step.pytorch_outputs, "decoder": decoder.pytorch_outputs}
 
 
 def _expose_decoded(path: Path, tmp: Path, dtype: str) -> str:
@@ -225,7 +225,7 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
             except Exception as e:
                 raise EngineError(f"ONNX Runtime cannot load {path} ({str(e).strip()[:300]}); "
                                   "re-run the export") from None
-            ref_fn = lambda feeds, name=name: REFERENCES[name](model, feeds)  # noqa: E731
+            ref_fn = lambda feeds, name=name: PYTORCH_OUTPUTS[name](model, feeds)  # noqa: E731
             for case, feeds in all_cases[name]:
                 rows += _compare(name, case, session, ref_fn, feeds, dtype, tolerance)
             del session

@@ -85,7 +85,7 @@ def write_slots(cache: torch.Tensor, new: torch.Tensor, at: torch.Tensor) -> tor
     """A copy of ``cache [S, H, S_max, D]`` with ``new [S, H, T, D]`` written at slots
     ``[at[s], at[s] + T)`` (the expected content of a native graph's cache output), through the
     PyTorch owner of the cache write."""
-    from ..plugins.reference import write_at
+    from ..attention.plain import write_at
 
     return write_at(cache.clone(), new, at, 2)
 

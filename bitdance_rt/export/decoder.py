@@ -1,4 +1,5 @@
-"""The ``decoder`` graph: binary latents to a uint8 image, the SPEC's conversion fused in.
+"""The ``decoder`` graph: binary latents to a uint8 image, the conversion to uint8
+(:func:`bitdance_rt.models.steps.to_uint8`) fused in.
 
 Inputs
   latent  ``[B, 32, h, w]`` float32  +-1 tokens arranged as a latent (dynamic h and w)
@@ -80,7 +81,7 @@ class DecoderGraph(nn.Module):
 
 
 @torch.no_grad()
-def reference(model, feeds: dict) -> dict:
+def pytorch_outputs(model, feeds: dict) -> dict:
     """``model.ae.decode`` and the pipeline's uint8 conversion (PyTorch)."""
     noise = feeds.get("noise")
     img = model.ae.decode(feeds["latent"].to(model.dtype),

@@ -26,7 +26,7 @@ from .attention import attention_opset, attention_translations, check_attention
 from .. import dtypes
 from .common import OPSET, check_out_dir, export_dtype, export_onnx
 from ..manifest import GRAPHS
-from .manifest import describe_graph, tool_versions, write_manifest
+from ..manifest import describe_graph, tool_versions, write_manifest
 from .source import identify_preset, resolve_preset
 
 DEFAULT_MAX_BATCH = 4

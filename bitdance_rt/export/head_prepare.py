@@ -39,7 +39,7 @@ class HeadPrepare(nn.Module):
         return torch.stack(ada, dim=1), final
 
 
-def reference(model, feeds: dict) -> dict:
+def pytorch_outputs(model, feeds: dict) -> dict:
     """:func:`~bitdance_rt.sampling.head_modulations` in PyTorch (the torch backend's code)."""
     with torch.no_grad():
         ada, final = head_modulations(model.head.net, feeds["cond"], feeds["times"], model.dtype)

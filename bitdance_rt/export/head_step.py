@@ -52,7 +52,7 @@ class HeadStep(nn.Module):
                          x, coeffs, noise, guidance, final_mod.shape[0])
 
 
-def reference(model, feeds: dict) -> dict:
+def pytorch_outputs(model, feeds: dict) -> dict:
     """The same step through the PyTorch backend's code (eager, Python guidance scale)."""
     ada, final = feeds["ada_mod"], feeds["final_mod"]
     net = model.head.net

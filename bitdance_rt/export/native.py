@@ -16,7 +16,7 @@ written in place (cache in, cache out) and the runtime does not scatter keys its
 Runtime (>= 1.31 on the CPU) runs both operators and, bound the same way, writes in place too.
 TensorRT needs the cache's sequence axis static: ``S_max`` is fixed at export (``--max-seq``).
 
-This is an export-graph form of :func:`bitdance_rt.plugins.reference.attend` (the one
+This is an export-graph form of :func:`bitdance_rt.attention.plain.attend` (the one
 plain-PyTorch owner of the contract); the tests compare the two. The attention itself is
 ``F.scaled_dot_product_attention``, which ``torch.onnx`` emits as the ``Attention`` operator from
 opset 23; ``TensorScatter`` has no torch op, so :func:`tensor_scatter` is a custom op with a
@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..plugins.reference import valid_slots, visible, write_at
+from ..attention.plain import valid_slots, visible, write_at
 
 OPSET = 24  # TensorScatter
 

@@ -35,7 +35,7 @@ from torch import nn
 from ..manifest import cache_inputs, cache_outputs
 from ..models.kv_cache import StaticKVCache
 from ..models.steps import image_start, prompt_pass
-from ..plugins.reference import valid_slots
+from ..attention.plain import valid_slots
 from .attention import GraphKV, attention_fn
 from .common import GraphDef, dim, native_cache_feeds, write_slots
 from .native import NativeKV, PromptKV
@@ -82,7 +82,7 @@ class NativePrefill(nn.Module):
 
 
 @torch.no_grad()
-def reference(model, feeds: dict) -> dict:
+def pytorch_outputs(model, feeds: dict) -> dict:
     """Row by row with the runtime's static cache (the PyTorch backend's code path)."""
     cfg = model.spec.llm
     ids, lens, block_ids = feeds["input_ids"], feeds["input_lens"], feeds["block_ids"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..plugins.op import kv_attention
-from ..plugins.sdpa import attend_like_reference
+from ..attention.op import kv_attention
+from ..attention.sdpa import attend_like_reference
 
 
 class ConcatKVCache:

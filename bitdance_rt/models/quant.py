@@ -31,10 +31,10 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from .linear import linear
 
 LAYOUT_FILE = "quantization.json"
 LAYOUT_FORMAT = 1
@@ -146,6 +146,28 @@ class QuantLinear(nn.Module):
     # Emulate, on any device, the per-token E4M3 activations that FP8 GPUs use for weight-only
     # E4M3 layers (accuracy measurements of the GPU path on a CPU); off by default.
     emulate_fp8_gemm = False
+    # Which path the forward calls of E4M3 layers took, counted in Python: "scaled_mm" (FP8
+    # tensor cores through ``torch._scaled_mm``) or "dequantize" (the weight dequantized to the
+    # model dtype). A CUDA graph's replays run no Python, so a captured layer counts its warm-up
+    # and capture calls only; traced calls (torch.compile, export) are not counted.
+    fp8_paths = {"scaled_mm": 0, "dequantize": 0}
+
+    @classmethod
+    def reset_fp8_paths(cls) -> None:
+        cls.fp8_paths = {"scaled_mm": 0, "dequantize": 0}
+
+    @classmethod
+    def fp8_path_record(cls) -> dict:
+        """The counts and, in one word, which path ran: "scaled_mm", "dequantize", "both" or
+        "none" (no E4M3 layer was called)."""
+        n = dict(cls.fp8_paths)
+        ran = [k for k in ("scaled_mm", "dequantize") if n[k]]
+        return {**n, "path": ran[0] if len(ran) == 1 else ("both" if ran else "none")}
+
+    @classmethod
+    def _count(cls, path: str) -> None:
+        if not torch.compiler.is_compiling():
+            cls.fp8_paths[path] += 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str,
                  activation: str | None = None, smooth: bool = False, dtype=None, device=None):
@@ -177,14 +199,17 @@ class QuantLinear(nn.Module):
             x = x * self.pre_quant_scale
         if (self.fmt == "fp8" and x.is_cuda and x.dtype == torch.bfloat16
                 and scaled_mm_available(x.device)):  # row-wise scaling gives bf16 only
+            QuantLinear._count("scaled_mm")
             y = _fp8_matmul(x.reshape(-1, self.in_features), self)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if self.fmt == "fp8":
+            QuantLinear._count("dequantize")
         if self.input_scale is not None:
             x = fake_quantize(x, self.input_scale, KIND[self.fmt])
         elif self.fmt == "fp8" and QuantLinear.emulate_fp8_gemm:
             x = fake_quantize_rows_fp8(x)
-        return F.linear(x, dequantize(self.weight, self.weight_scale), self.bias)
+        return linear(x, dequantize(self.weight, self.weight_scale), self.bias)
 
 
 # ----------------------------------------------------------------------------------------------

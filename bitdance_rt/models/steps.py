@@ -1,5 +1,5 @@
 """The model's steps, each written once: the reference pipeline, every backend and every
-exported graph call these (SPEC section 2, steps 3-5).
+exported graph call these (the AR loop that calls them: bitdance_rt/runtime/loop.py).
 
 - :func:`llm_call`     the LLM over new tokens, positions continuing each row's cache
 - :func:`prompt_pass`  a prompt's tokens through the LLM (causal)

@@ -16,11 +16,14 @@ host data (a host-to-device copy) and a device value read on the host (a synchro
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .timing import WorkMeter
 
 # Ops that cannot sit inside a captured CUDA graph.
 NOT_CAPTURABLE = {"aten::lift_fresh", "aten::lift_fresh_copy", "aten::_local_scalar_dense",
@@ -31,22 +34,38 @@ class CaptureError(RuntimeError):
     """A graph body does something a CUDA graph capture cannot hold."""
 
 
-class CudaGraph:
-    """``fn()`` captured as a CUDA graph; :meth:`replay` reruns it, :attr:`out` is its static
-    output (overwritten by each replay)."""
+def cuda_device(device=None) -> torch.device:
+    """``device`` as a CUDA device with its index (None, or ``cuda`` without an index: the
+    current one)."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        raise ValueError(f"a CUDA graph is captured on a CUDA device, not {device}")
+    return device if device.index is not None else torch.device("cuda",
+                                                                torch.cuda.current_device())
 
-    def __init__(self, fn):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm-up: allocator and autotuning outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn()
+
+class CudaGraph:
+    """``fn()`` captured as a CUDA graph on ``device`` (default: the current device), whichever
+    device is current when it is made or replayed; :meth:`replay` reruns it, :attr:`out` is its
+    static output (overwritten by each replay)."""
+
+    def __init__(self, fn, device=None):
+        self.device = cuda_device(device)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                fn()  # warm-up: allocator and autotuning outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            # captured on this device's stream (torch's shared default capture stream lives
+            # on whichever device was current when it was first made)
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.out = fn()
 
     def replay(self):
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
 
 
 class _Ref:
@@ -106,7 +125,8 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 class RecordedGraph:
     """The CPU stand-in for :class:`CudaGraph` (see the module docstring)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, device=None):
+        self.device = None if device is None else torch.device(device)
         fn()  # the warm-up run, as a capture makes one
         recorder = _Recorder()
         with recorder:
@@ -126,6 +146,29 @@ class RecordedGraph:
                     o.copy_(r)
 
 
-def capture(fn, emulate: bool = False):
-    """A CUDA graph of ``fn`` (or, with ``emulate``, its CPU stand-in)."""
-    return RecordedGraph(fn) if emulate else CudaGraph(fn)
+def capture(fn, emulate: bool = False, device=None):
+    """A CUDA graph of ``fn`` on ``device`` (the backend's; default: the current CUDA device),
+    or, with ``emulate``, its CPU stand-in (which records ``device`` and runs where the tensors
+    are)."""
+    return RecordedGraph(fn, device) if emulate else CudaGraph(fn, device)
+
+
+def counted_capture(be, fn, counting=None, emulate: bool = False):
+    """:func:`capture` of ``fn`` on backend ``be``'s device, and the work one run of ``fn``
+    does, ``(calls, weight bytes)``: a replay runs no Python, so no hook or counter sees it,
+    and it adds this to a metered run instead. The warm-up run and the capture each run ``fn``
+    once and are counted here (``counting(meter)``: a context that counts the backend's work
+    into ``meter``; the backend's own counters use ``be.meter``, which points here meanwhile);
+    their work belongs to no stage of a metered run."""
+    work, outer = WorkMeter(), be.meter
+    saved = outer.take() if outer is not None else None
+    be.meter = work
+    try:
+        with counting(work) if counting is not None else contextlib.nullcontext():
+            graph = capture(fn, emulate=emulate, device=be.device)
+    finally:
+        be.meter = outer
+        if outer is not None:
+            outer.take()
+            outer.add(*saved)
+    return graph, (work.calls // 2, work.weight_bytes // 2)

@@ -27,7 +27,7 @@ from .loop import StepCallback, generate
 from .timing import StageTimer
 
 BACKENDS = ("torch", "reference", "onnxruntime", "tensorrt")
-# backends that run exported graphs (--engine-dir): the graphs hold the weights
+# backends that run exported graphs (--export-dir): the graphs hold the weights
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
 
 
@@ -84,13 +84,13 @@ def check_backend(name: str, engine_dir) -> None:
     if name not in BACKENDS:
         raise BitDanceError(f"unknown --backend {name!r}; choose one of {list(BACKENDS)}")
     if name == "onnxruntime" and engine_dir is None:
-        raise BitDanceError("--backend onnxruntime needs --engine-dir, a directory written by "
+        raise BitDanceError("--backend onnxruntime needs --export-dir, a directory written by "
                             "`bitdance-export`")
     if name == "tensorrt" and engine_dir is None:
-        raise BitDanceError("--backend tensorrt needs --engine-dir, a directory written by "
+        raise BitDanceError("--backend tensorrt needs --export-dir, a directory written by "
                             "`bitdance-export build` (or an export directory holding engines/)")
     if name not in GRAPH_BACKENDS and engine_dir is not None:
-        raise BitDanceError(f"--engine-dir is for --backend onnxruntime or tensorrt, not {name}")
+        raise BitDanceError(f"--export-dir is for --backend onnxruntime or tensorrt, not {name}")
 
 
 def make_backend(name: str, model: BitDanceModel, engine_dir=None, cuda_graphs: bool = True,

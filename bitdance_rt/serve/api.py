@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from pydantic import ValidationError
 
 from ..errors import BitDanceError, UnsupportedSizeError
+from ..limits import DEFAULT_SEED
 from ..request import GenerationRequest, ImagePlan
 
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
@@ -50,7 +51,7 @@ class ImagesBody(BaseModel):
     response_format: StrictStr = "b64_json"
     output_format: StrictStr = "png"
     model: Optional[StrictStr] = None
-    seed: StrictInt = 42                       # as `bitdance-rt generate`
+    seed: StrictInt = DEFAULT_SEED             # as `bitdance-rt generate`
     steps: Optional[StrictInt] = None
     guidance: Optional[Union[StrictInt, StrictFloat]] = None
     negative_prompt: Optional[StrictStr] = None

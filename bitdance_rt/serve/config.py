@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BitDanceError
+from ..limits import MAX_IMAGES, SERVE_MAX_BATCH, SERVE_MAX_QUEUE, SERVE_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,9 @@ class ServeConfig:
     engine_dir: Path | None = None
     cuda_graphs: bool = True
     compile: bool = False
-    max_batch: int = 8                 # images in one AR run
-    max_queue: int = 64                # requests waiting (not running); more get 429
-    timeout: float = 600.0             # seconds from arrival to the response; then 504
+    max_batch: int = SERVE_MAX_BATCH   # images in one AR run
+    max_queue: int = SERVE_MAX_QUEUE   # requests waiting (not running); more get 429
+    timeout: float = SERVE_TIMEOUT_S   # seconds from arrival to the response; then 504
     api_key: str | None = None         # every route but /healthz needs it when set
     warmup: bool = True                # one small generation before /healthz says ready
 
@@ -35,8 +36,9 @@ class ServeConfig:
         from ..runtime.session import check_backend
 
         check_backend(self.backend, self.engine_dir)
-        if not (isinstance(self.max_batch, int) and 1 <= self.max_batch <= 64):
-            raise BitDanceError(f"--max-batch must be from 1 to 64 images, got {self.max_batch}")
+        if not (isinstance(self.max_batch, int) and 1 <= self.max_batch <= MAX_IMAGES):
+            raise BitDanceError(f"--max-batch must be from 1 to {MAX_IMAGES} images, got "
+                                f"{self.max_batch}")
         if not (isinstance(self.max_queue, int) and self.max_queue >= 0):
             raise BitDanceError(f"--max-queue must be 0 or more requests, got {self.max_queue}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):

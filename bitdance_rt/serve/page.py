@@ -40,7 +40,7 @@ PAGE = """<!doctype html>
     <textarea id="prompt" placeholder="Describe the image to draw" required></textarea>
     <span></span>
     <label>Size (width x height)<select id="size"></select></label>
-    <label>Seed<input id="seed" type="number" min="0" value="42"></label>
+    <label>Seed<input id="seed" type="number" min="0"></label>
     <label>Steps<input id="steps" type="number" min="1" placeholder="default"></label>
     <button id="go" type="submit">Generate</button>
   </form>
@@ -66,12 +66,13 @@ async function loadModels() {
     $("size").appendChild(o);
   }
   $("steps").placeholder = "default " + m.defaults.steps;
+  $("seed").value = m.defaults.seed;  // the server's default seed (GET /v1/models)
 }
 
 async function generate(ev) {
   ev.preventDefault();
-  const body = { prompt: $("prompt").value, size: $("size").value, stream: true,
-                 seed: parseInt($("seed").value || "42", 10) };
+  const body = { prompt: $("prompt").value, size: $("size").value, stream: true };
+  if ($("seed").value) body.seed = parseInt($("seed").value, 10);
   if ($("steps").value) body.steps = parseInt($("steps").value, 10);
   $("go").disabled = true; $("fill").style.width = "0"; say("sending...");
   const t0 = performance.now();

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 
+from ..limits import DEFAULT_SEED
 from ..request import GenerationRequest, ImagePlan
 from .api import ApiError, ImagesBody, size_text, to_request
 from .config import ServeConfig
@@ -152,7 +153,7 @@ class ImageService:
                 "owned_by": "bitdance-rt",
                 "sizes": [size_text(h, w) for h, w in spec.info.sizes],
                 "default_size": size_text(d.height, d.width),
-                "defaults": {"steps": d.steps, "guidance": d.guidance, "seed": 42},
+                "defaults": {"steps": d.steps, "guidance": d.guidance, "seed": DEFAULT_SEED},
                 "max_images": self.config.max_batch,
                 "description": spec.info.description,
             })

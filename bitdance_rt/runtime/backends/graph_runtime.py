@@ -22,6 +22,7 @@ The graphs hold the weights: only the checkpoint's configs and tokenizer are nee
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ from ...checkpoint import BitDanceModel
 from ...errors import EngineError, ResourceError
 from ...manifest import cache_inputs, cache_outputs, check_model, check_weights, expected_inputs
 from ...models.kv_cache import StaticKVCache
+from ...attention.plain import write_at
 from ...models.posemb import tokens_to_latent
-from ...sampling import step_schedule
+from ...sampling import run_steps, step_schedule
 from ..backend import Backend, ImagePlan
 from ..buffers import (available_memory, block_posembs, ensure_cache_fits, modulation_bytes,
                        modulation_shapes)
@@ -96,15 +98,21 @@ class GraphRuntime(Backend):
 
     # -- buffers --------------------------------------------------------------------------------
 
-    def weight_bytes(self, plan: ImagePlan) -> dict:
-        """Approximate: the graphs' sizes (weights dominate them). Per block the head reads
-        ``head_prepare`` (the x-independent part) once and ``head_step`` N + 1 times; its calls
-        are those graph calls."""
-        return {"prefill": self._graph_bytes("prefill"), "prefill_calls": 1,
-                "block_step": self._graph_bytes("block_step"),
-                "head": (self._graph_bytes("head_prepare")
-                         + (plan.steps + 1) * self._graph_bytes("head_step")),
-                "head_calls": plan.steps + 2, "decode": self._graph_bytes("decoder")}
+    @contextlib.contextmanager
+    def metered(self, meter):
+        """Each graph run counts as a call reading that graph's weights (the graphs hold
+        them: no PyTorch module runs)."""
+        self.meter = meter
+        try:
+            yield
+        finally:
+            self.meter = None
+
+    def _call(self, name: str, inputs: dict, outputs: dict) -> None:
+        """Run graph ``name`` (:meth:`_run`), counted when metered."""
+        if self.meter is not None:
+            self.meter.add(1, self._graph_bytes(name))
+        self._run(name, inputs, outputs)
 
     def _check_limits(self, plan: ImagePlan) -> None:
         max_batch, max_seq = self.limits.get("max_batch"), self.limits.get("max_seq")
@@ -164,12 +172,9 @@ class GraphRuntime(Backend):
     def _write_kv(self, keys, values) -> None:
         """Scatter new keys/values ``[L, S, Hkv, T, D]`` into the cache at ``lens``; advance
         (device work only: a captured graph replays it)."""
-        t = keys.shape[3]
-        pos = self.lens[:, None] + torch.arange(t, device=self.device)[None]
-        index = pos[None, :, None, :, None].expand(keys.shape)
-        self.cache_k.scatter_(3, index, keys)
-        self.cache_v.scatter_(3, index, values)
-        self.lens += t
+        write_at(self.cache_k, keys, self.lens, seq_dim=3, batch_dim=1)
+        write_at(self.cache_v, values, self.lens, seq_dim=3, batch_dim=1)
+        self.lens += keys.shape[3]
 
     def _reserve(self, t: int) -> None:
         """Host-side bookkeeping of ``t`` new tokens per row (checked before any work)."""
@@ -203,13 +208,13 @@ class GraphRuntime(Backend):
         if self.native:  # prompt and image-start block written in place
             self._reserve(t + p)
             cache_in, cache_out = self._caches()
-            self._run("prefill", {**inputs, **cache_in}, {"cond": cond, **cache_out})
+            self._call("prefill", {**inputs, **cache_in}, {"cond": cond, **cache_out})
             self.lens.copy_(inputs["input_lens"] + p)
             self.lens_host = [n + p for n in lens]
             return cond
         pk, pv = self._kv_out(len(seqs), t)
         bk, bv = self._kv_out(len(seqs), p)
-        self._run("prefill", inputs, {"cond": cond, "prompt_keys": pk, "prompt_values": pv,
+        self._call("prefill", inputs, {"cond": cond, "prompt_keys": pk, "prompt_values": pv,
                                       "block_keys": bk, "block_values": bv})
         self._reserve(t)
         self._write_kv(pk, pv)  # slots [0, T); zero past each row's prompt
@@ -221,24 +226,28 @@ class GraphRuntime(Backend):
 
     def _prepare_head(self, cond: torch.Tensor) -> None:
         """Every step's modulations into ``ada_mod``/``final_mod``: one ``head_prepare`` call,
-        or several over slices of the step times when an engine takes fewer at once."""
+        or, when an engine takes fewer step times at once, several over slices that all have
+        one size (the last one ends at N + 1 and overlaps the one before it: the steps they
+        share are computed again from the same inputs): an engine context then keeps one input
+        shape, as a captured graph of the head loop needs."""
         n = self.times.shape[0]
-        step = self.max_steps_per_call or n
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            self._run("head_prepare", {"cond": cond, "times": self.times[a:b]},
-                      {"ada_mod": self.ada_mod[a:b], "final_mod": self.final_mod[a:b]})
+        size = min(n, self.max_steps_per_call or n)
+        for a in list(range(0, n - size, size)) + [n - size]:
+            b = a + size
+            self._call("head_prepare", {"cond": cond, "times": self.times[a:b]},
+                       {"ada_mod": self.ada_mod[a:b], "final_mod": self.final_mod[a:b]})
+
+    def _head_step(self, k: int, x: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
+        """One ``head_step`` call, bound to slice k of the modulations (a view)."""
+        out = torch.empty_like(x)
+        self._call("head_step", {"x": x, "coeffs": self.coeffs[k], "noise": step_noise,
+                                "ada_mod": self.ada_mod[k], "final_mod": self.final_mod[k],
+                                "guidance": self.guidance}, {"x_next": out})
+        return out
 
     def _head_steps(self, x: torch.Tensor, noise: list) -> torch.Tensor:
-        """N + 1 ``head_step`` calls, step k bound to slice k of the modulations (a view)."""
-        for k in range(self.times.shape[0]):
-            step_noise = noise[k + 1] if k + 1 < len(noise) else x  # final step: unused (x 0)
-            out = torch.empty_like(x)
-            self._run("head_step", {"x": x, "coeffs": self.coeffs[k], "noise": step_noise,
-                                    "ada_mod": self.ada_mod[k], "final_mod": self.final_mod[k],
-                                    "guidance": self.guidance}, {"x_next": out})
-            x = out
-        return x
+        """N + 1 ``head_step`` calls (the sampler's loop, :func:`~bitdance_rt.sampling.run_steps`)."""
+        return run_steps(self._head_step, x, noise[1:], self.times.shape[0])
 
     def sample_head(self, cond: torch.Tensor, noise: list) -> torch.Tensor:
         self._prepare_head(cond)
@@ -249,11 +258,11 @@ class GraphRuntime(Backend):
         inputs = {"tokens": tokens, "pe": pe, "pe_next": pe_next, "cache_lens": self.lens}
         if self.native:
             cache_in, cache_out = self._caches()
-            self._run("block_step", {**inputs, **cache_in}, {"cond": cond, **cache_out})
+            self._call("block_step", {**inputs, **cache_in}, {"cond": cond, **cache_out})
             self.lens += self.parallel_num
             return
         keys, values = self._kv_out(self.cache_k.shape[1], self.parallel_num)
-        self._run("block_step", {**inputs, "k_cache": self.cache_k, "v_cache": self.cache_v},
+        self._call("block_step", {**inputs, "k_cache": self.cache_k, "v_cache": self.cache_v},
                   {"cond": cond, "new_keys": keys, "new_values": values})
         self._write_kv(keys, values)
 
@@ -277,7 +286,7 @@ class GraphRuntime(Backend):
                 inputs["noise"] = noise[i:i + 1].float()
             image = torch.empty(1, up * plan.h, up * plan.w, 3, dtype=torch.uint8,
                                 device=self.device)
-            self._run("decoder", inputs, {"image": image})
+            self._call("decoder", inputs, {"image": image})
             images.append(image.cpu())
         return torch.cat(images)
 

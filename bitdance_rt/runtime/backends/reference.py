@@ -1,4 +1,4 @@
-"""The eager reference: the authors' generation semantics (SPEC section 2), kept as the baseline
+"""The eager reference: the authors' generation semantics, kept as the baseline
 every faster backend is compared against; a backend of the one AR loop like the others.
 
 Like the authors' pipeline it runs the conditional and unconditional sequences as separate LLM

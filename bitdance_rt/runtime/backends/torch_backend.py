@@ -20,13 +20,13 @@ import torch
 
 from ...checkpoint import BitDanceModel
 from ...models.kv_cache import StaticKVCache
-from ...models.steps import block_step, decode_tokens, image_start, prompt_pass
+from ...models.steps import block_step, decode_tokens, image_start, prompt_pass, tile_rows
 from ...request import ImagePlan, row_groups
-from ...sampling import head_modulations, run_sampler, step_schedule
+from ...sampling import sample_block_premodulated, step_schedule
+from .. import graphs
 from ..backend import Backend
 from ..buffers import available_memory, block_posembs, ensure_cache_fits, modulation_bytes
-from ..graphs import capture
-from ..timing import module_bytes
+from ..timing import model_meter_modules, watch_modules
 
 PROMPT_ROOM = 256
 
@@ -52,7 +52,7 @@ class TorchBackend(Backend):
         self.graphs = emulate_graphs or (on_cuda and cuda_graphs is not False)
         # The fused op (CPU: SDPA as the reference calls it; CUDA: the Triton kernel), or the
         # plain-PyTorch form of the same contract (an independent check of the op).
-        from ...plugins import kv_attention, kv_attention_ref
+        from ...attention import kv_attention, kv_attention_ref
 
         self.attention = kv_attention if use_plugin or self.graphs else kv_attention_ref
         self.head_net = model.head.net
@@ -68,20 +68,6 @@ class TorchBackend(Backend):
         self.plan = None
 
     # -- buffers ---------------------------------------------------------------------------
-
-    def weight_bytes(self, plan: ImagePlan) -> dict:
-        llm, net = self.model.llm.model, self.model.head.net
-        layers = module_bytes(llm.layers) + module_bytes(llm.norm)
-        # The x-independent part of the head (condition embedding and every modulation) is
-        # read once per block, the rest once per step.
-        once = (module_bytes(net.cond_embed) + module_bytes(net.time_embed)
-                + module_bytes(net.ada_ln_blocks) + module_bytes(net.final_layer.ada_ln_modulation))
-        per_step = module_bytes(net) - once
-        calls = len(plan.groups()) + 1  # a causal pass per prompt, one batched block call
-        return {"prefill": calls * layers, "prefill_calls": calls,
-                "block_step": layers + module_bytes(self.model.projector),
-                "head": once + (plan.steps + 1) * per_step, "head_calls": plan.steps + 1,
-                "decode": module_bytes(self.model.ae.decoder)}
 
     def _images(self, plan: ImagePlan) -> int:
         """The batch the plan runs at: its own, or with graphs the largest captured one."""
@@ -194,8 +180,8 @@ class TorchBackend(Backend):
         return self._block_step(tokens, self.pe_blocks[block], self.pe_blocks[block + 1])
 
     def _block_step(self, tokens, pe, pe_next):
-        rows = torch.cat([tokens] * (self.cache.k.shape[1] // tokens.shape[0]))
-        cond = block_step(self.model, rows, pe, pe_next, self.cache)
+        cond = block_step(self.model, tile_rows(tokens, self.cache.k.shape[1]), pe, pe_next,
+                          self.cache)
         self.cache.advance(self.parallel_num)
         return cond
 
@@ -208,12 +194,8 @@ class TorchBackend(Backend):
         return self._sample(cond, noise, self.plan.guidance)
 
     def _sample(self, cond, noise, guidance):
-        net, dtype = self.head_net, self.dtype
-        denoise = self.denoise or net.denoise
-        ada, final = head_modulations(net, cond, self.times, dtype)  # leading dim: step
-        return run_sampler(
-            lambda k, x_in: denoise(x_in.to(dtype), ([a[k] for a in ada], final[k])),
-            noise[0], noise[1:], self.coeffs, guidance, cond.shape[0])
+        return sample_block_premodulated(self.head_net, cond, noise, guidance, self.times,
+                                         self.coeffs, self.dtype, self.denoise)
 
     def decode(self, tokens, noise):
         return decode_tokens(self.model, tokens, self.plan.h, self.plan.w, noise,
@@ -234,6 +216,12 @@ class TorchBackend(Backend):
         return self._block_graphs[key]
 
 
+def counted_capture(be: TorchBackend, fn):
+    """The graph of ``fn`` and the work one run does (counted by the model's hooks)."""
+    return graphs.counted_capture(
+        be, fn, lambda work: watch_modules(work, *model_meter_modules(be.model)), be.emulate)
+
+
 class HeadLoopGraph:
     """The whole sampling loop of one block (N + 1 head evaluations and their updates) as one
     graph. It reads only tensors it owns: the condition, the noise, the guidance scale and the
@@ -246,15 +234,17 @@ class HeadLoopGraph:
         self.noise = torch.zeros((plan.steps + 1, be.images, p, be.ch_target), device=dev)
         self.guidance = torch.ones((), device=dev)
         self.times, self.coeffs = be.times, be.coeffs  # read by the graph: owned here
-        self.graph = capture(
-            lambda: be._sample(self.cond, list(self.noise.unbind(0)), self.guidance),
-            emulate=be.emulate, device=be.device)
+        self.be = be
+        self.graph, self.work = counted_capture(
+            be, lambda: be._sample(self.cond, list(self.noise.unbind(0)), self.guidance))
 
     def __call__(self, cond, noise, guidance: float):
         self.cond.copy_(cond)
         self.noise.copy_(torch.stack(noise))
         self.guidance.fill_(guidance)
         self.graph.replay()
+        if self.be.meter is not None:
+            self.be.meter.add(*self.work)
         return self.graph.out.clone()
 
 
@@ -276,7 +266,7 @@ class BlockStepGraph:
         def run():
             pe = self.pe_blocks.index_select(0, self.block.view(1))[0]
             pe_next = self.pe_blocks.index_select(0, (self.block + 1).view(1))[0]
-            rows = torch.cat([self.tokens] * (self.cache.k.shape[1] // self.tokens.shape[0]))
+            rows = tile_rows(self.tokens, self.cache.k.shape[1])
             cond = block_step(be.model, rows, pe, pe_next, self.cache)
             self.cache.lens.add_(p)
             return cond
@@ -288,7 +278,7 @@ class BlockStepGraph:
         saved_lens, saved_host = cache.lens.clone(), list(cache.lens_host)
         saved_k, saved_v = cache.k[..., :2 * p, :].clone(), cache.v[..., :2 * p, :].clone()
         cache.lens.zero_()
-        self.graph = capture(run, emulate=be.emulate, device=be.device)
+        self.graph, self.work = counted_capture(be, run)
         cache.k[..., :2 * p, :].copy_(saved_k)
         cache.v[..., :2 * p, :].copy_(saved_v)
         cache.lens.copy_(saved_lens)
@@ -301,5 +291,7 @@ class BlockStepGraph:
         self.tokens.copy_(tokens)
         self.block.fill_(block)
         self.graph.replay()
+        if self.be.meter is not None:
+            self.be.meter.add(*self.work)
         cache.lens_host = [n + p for n in cache.lens_host]
         return self.graph.out.clone()

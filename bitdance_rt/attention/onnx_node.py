@@ -1,7 +1,7 @@
 """The custom ONNX node for the block-causal KV attention (``--attention plugin`` exports).
 
-Node ``kv_attention`` in domain ``bitdance`` (opset version 1), the node TensorRT maps to the
-``bitdance::kv_attention`` plugin (``tensorrt_plugin.py``; TensorRT's ONNX parser looks plugins
+Node ``kv_attend`` in domain ``bitdance`` (opset version 1), the node TensorRT maps to the
+``bitdance::kv_attend`` plugin (``tensorrt_plugin.py``; TensorRT's ONNX parser looks plugins
 up by op type, ``plugin_namespace`` and ``plugin_version``):
 
     inputs      q [S, Hq, T, D], k_new [S, Hkv, T, D], v_new [S, Hkv, T, D],
@@ -13,7 +13,7 @@ up by op type, ``plugin_namespace`` and ``plugin_version``):
     output      out [S, Hq, T, D]: attention over cache slots j < cache_lens[s] and the T new
                 tokens (GQA: query head h uses kv head h // (Hq // Hkv)); the cache is only read.
 
-In PyTorch the node is the op ``torch.ops.bitdance.kv_attention_node`` (same contract, plain
+In PyTorch the node is the op ``torch.ops.bitdance.kv_attend_node`` (same contract, plain
 PyTorch math); :func:`onnx_translation_table` tells ``torch.onnx.export(dynamo=True)`` to emit
 the node for it. ONNX Runtime has no kernel for it: ORT exports use ``--attention standard``.
 """
@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import torch
 
-from .reference import attend, mode_to_int
+from .plain import attend, mode_to_int
 
 DOMAIN = "bitdance"
-OP_TYPE = "kv_attention"
+OP_TYPE = "kv_attend"
 OPSET_VERSION = 1
 
 
-@torch.library.custom_op("bitdance::kv_attention_node", mutates_args=())
-def kv_attention_node(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+@torch.library.custom_op("bitdance::kv_attend_node", mutates_args=())
+def kv_attend_node(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                       mask_mode: int, scale: float) -> torch.Tensor:
     return attend(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode, scale)
 
 
-@kv_attention_node.register_fake
+@kv_attend_node.register_fake
 def _(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode, scale):
     return torch.empty_like(q)
 
@@ -49,7 +49,7 @@ def plugin_kv_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, mode):
         k_cache = k_new.new_zeros((s, hkv, 0, d))
         v_cache = v_new.new_zeros((s, hkv, 0, d))
         cache_lens = torch.zeros((s,), dtype=torch.int32, device=q.device)
-    return torch.ops.bitdance.kv_attention_node(
+    return torch.ops.bitdance.kv_attend_node(
         q, k_new, v_new, k_cache, v_cache, cache_lens.to(torch.int32), mode_to_int(mode),
         float(d) ** -0.5)
 
@@ -69,7 +69,7 @@ def register_onnx_schema() -> None:
     attr = OpSchema.Attribute
     schema = OpSchema(
         OP_TYPE, DOMAIN, OPSET_VERSION,
-        doc="Block-causal KV-cache attention of T new tokens (see bitdance_rt/plugins/onnx_node.py).",
+        doc="Block-causal KV-cache attention of T new tokens (see bitdance_rt/attention/onnx_node.py).",
         inputs=[param("q", "T"), param("k_new", "T"), param("v_new", "T"),
                 param("k_cache", "T"), param("v_cache", "T"), param("cache_lens", "I")],
         outputs=[param("out", "T")],
@@ -92,8 +92,8 @@ def onnx_translation_table() -> dict:
     bitdance = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
 
     def translate(q, k_new, v_new, k_cache, v_cache, cache_lens, mask_mode: int, scale: float):
-        return bitdance.kv_attention(q, k_new, v_new, k_cache, v_cache, cache_lens,
+        return bitdance.kv_attend(q, k_new, v_new, k_cache, v_cache, cache_lens,
                                      mask_mode=mask_mode, scale=scale,
                                      plugin_namespace=DOMAIN, plugin_version="1")
 
-    return {torch.ops.bitdance.kv_attention_node.default: translate}
+    return {torch.ops.bitdance.kv_attend_node.default: translate}

@@ -256,7 +256,7 @@ def _run_in_subprocess(func: str, kwargs: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_root, env.get("PYTHONPATH")]))
-    code = (f"import pickle, sys; from bitdance_rt.plugins.aot import {func}; "
+    code = (f"import pickle, sys; from bitdance_rt.attention.aot import {func}; "
             f"kw = pickle.load(sys.stdin.buffer); sys.stdout.buffer.write(pickle.dumps({func}(**kw)))")
     res = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env,
                          capture_output=True)

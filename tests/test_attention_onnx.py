@@ -4,8 +4,8 @@ import onnx
 import pytest
 import torch
 
-from bitdance_rt.plugins.onnx_node import DOMAIN, OP_TYPE, onnx_translation_table, plugin_kv_attention
-from bitdance_rt.plugins.reference import kv_attention_ref
+from bitdance_rt.attention.onnx_node import DOMAIN, OP_TYPE, onnx_translation_table, plugin_kv_attention
+from bitdance_rt.attention.plain import kv_attention_ref
 
 
 def case(seed, s=2, hq=4, hkv=2, t=3, d=8, slots=10, lens=(4, 7)):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import kv_attention_ref, mode_to_int
+from .plain import kv_attention_ref, mode_to_int
 from .sdpa import kv_attention_grouped
 
 

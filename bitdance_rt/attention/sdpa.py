@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import MODE_CAUSAL, mode_to_int, visible, write_kv_ref
+from .plain import MODE_CAUSAL, mode_to_int, visible, write_kv_ref
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -34,8 +34,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..models.quant import swap_modules
-from .recipes import HEAD, LLM, get_recipe, quantized_names
+from .models.quant import swap_modules
+from .calibration.recipes import HEAD, LLM, get_recipe, quantized_names
 
 GIB = 2**30
 CUDA_CONTEXT = int(0.75 * GIB)  # CUDA context, cuBLAS/cuDNN workspaces (typical; not computed)
@@ -155,11 +155,11 @@ def _layout(recipe, llm, head) -> dict | None:
 def meta_model(spec, recipe_name: str | None = None, dtype=torch.bfloat16):
     """A :class:`~bitdance_rt.checkpoint.BitDanceModel` on the meta device with what the
     runtime loads (no LM head, no encoder), quantized as ``recipe_name`` would make it."""
-    from ..checkpoint import BitDanceModel
-    from ..models.autoencoder import BinaryAutoencoder
-    from ..models.head import DiffusionHead
-    from ..models.projector import Projector
-    from ..models.qwen3 import Qwen3ForCausalLM, rope_inv_freq
+    from .checkpoint import BitDanceModel
+    from .models.autoencoder import BinaryAutoencoder
+    from .models.head import DiffusionHead
+    from .models.projector import Projector
+    from .models.qwen3 import Qwen3ForCausalLM, rope_inv_freq
 
     recipe = get_recipe(recipe_name) if recipe_name else None
     with torch.device("meta"):
@@ -191,10 +191,10 @@ def state_bytes(module) -> int:
 def _stage_peaks(model, rows: int, images: int, prompt_tokens: int, h: int, w: int,
                  steps: int) -> dict:
     """Transient peak bytes of each stage, on meta tensors, with the runtime's code."""
-    from ..models.kv_cache import StaticKVCache
-    from ..models.steps import block_step, image_start, prompt_pass
-    from ..runtime.buffers import modulation_bytes
-    from ..sampling import head_modulations, head_step, premodulated, step_schedule
+    from .models.kv_cache import StaticKVCache
+    from .models.steps import block_step, image_start, prompt_pass
+    from .runtime.buffers import modulation_bytes
+    from .sampling import head_modulations, head_step, premodulated, step_schedule
 
     spec, dt, dev = model.spec, model.dtype, torch.device("meta")
     cfg, p, hid = spec.llm, spec.parallel_num, spec.llm.hidden_size
@@ -246,17 +246,17 @@ def memory_budget(spec, recipe: str | None = None, height: int | None = None,
                   dtype=torch.bfloat16) -> Budget:
     """The GPU memory of one generation with the PyTorch backend on CUDA (graphs on), from
     ``spec``'s shapes; ``recipe`` None is the float checkpoint in ``dtype``."""
-    from ..errors import BitDanceError
-    from ..models.kv_cache import StaticKVCache
-    from ..runtime.buffers import modulation_bytes
+    from .errors import BitDanceError
+    from .models.kv_cache import StaticKVCache
+    from .runtime.buffers import modulation_bytes
 
-    d = spec.info.defaults
-    height, width = height or d.height, width or d.width
-    steps = steps or d.steps
-    guidance = d.guidance if guidance is None else guidance
-    h, w = spec.check_size(height, width)
-    if not 1 <= images <= 64:
-        raise BitDanceError(f"--num-images must be between 1 and 64, got {images}")
+    # the same checks and defaults as a request to generate
+    from .request import GenerationRequest
+
+    r = GenerationRequest("memory plan", height, width, steps, guidance,
+                          num_images=images).resolved(spec)
+    h, w = r.validate(spec)
+    height, width, steps, guidance = r.height, r.width, r.steps, r.guidance
     if prompt_tokens < 4:
         raise BitDanceError(f"--prompt-tokens must be at least 4, got {prompt_tokens}")
     rows = images * (2 if guidance > 1 else 1)

@@ -1,6 +1,6 @@
 """Triton KV-cache attention for one BitDance AR step (cache write + flash attention, one launch).
 
-Same contract as :func:`bitdance_rt.plugins.reference.kv_attention_ref`.
+Same contract as :func:`bitdance_rt.attention.plain.kv_attention_ref`.
 
 Kernel layout
 -------------
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import MODE_CAUSAL, check_shapes, mode_to_int
+from .plain import MODE_CAUSAL, check_shapes, mode_to_int
 
 
 @triton.jit

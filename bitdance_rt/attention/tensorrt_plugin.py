@@ -1,4 +1,5 @@
-"""TensorRT plugin ``bitdance::kv_attention`` through TensorRT's Python plugin API.
+"""TensorRT plugin ``bitdance::kv_attend`` (attention over the cache; it reads the cache, the
+runtime writes it) through TensorRT's Python plugin API.
 
 The plugin is a Quick Deployable Plugin (``tensorrt.plugin``) with only an ahead-of-time
 implementation: at engine build time the Triton kernel (``_kv_attn_kernel_trt``) is compiled
@@ -29,7 +30,7 @@ registration raise ``TypeError``.
 """
 
 PLUGIN_NAMESPACE = "bitdance"
-PLUGIN_NAME = "kv_attention"
+PLUGIN_NAME = "kv_attend"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 
 _state = {"registered": False}

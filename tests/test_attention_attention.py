@@ -1,4 +1,4 @@
-"""Tests for bitdance_rt.plugins: KV-cache write + attention (reference, Triton kernel, custom op).
+"""Tests for bitdance_rt.attention: KV-cache write + attention (reference, Triton kernel, custom op).
 
 Without CUDA the Triton kernel runs on the CPU through the Triton interpreter
 (TRITON_INTERPRET=1 must be set before triton is imported, hence the module header).
@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from bitdance_rt.plugins import kv_attention, kv_attention_ref  # noqa: E402
+from bitdance_rt.attention import kv_attention, kv_attention_ref  # noqa: E402
 
 try:
     import triton  # noqa: F401,E402
@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 # only triton's absence skips: once triton imports, our kernel module must import too
 if triton is not None:
-    from bitdance_rt.plugins import triton_attention as ta  # noqa: E402
+    from bitdance_rt.attention import triton_attention as ta  # noqa: E402
 else:  # pragma: no cover
     ta = None
 
@@ -296,7 +296,7 @@ def _aot_skip_reason():
 
 @pytest.mark.skipif(_aot_skip_reason() is not None, reason=str(_aot_skip_reason()))
 def test_aot_compile_sm90_bf16_d128_no_spills():
-    from bitdance_rt.plugins.aot import compile_for_hopper
+    from bitdance_rt.attention.aot import compile_for_hopper
 
     info = compile_for_hopper(dtype="bf16", head_dim=128, group=5, m_total=320)
     assert info["cubin"] and len(info["cubin"]) > 1000

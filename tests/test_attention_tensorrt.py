@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():  # run Triton kernels on the CPU interpreter (see conftest.py)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bitdance_rt.plugins import tensorrt_plugin  # noqa: E402
-from bitdance_rt.plugins.tensorrt_plugin import (PLUGIN_ID, register_plugin,  # noqa: E402
+from bitdance_rt.attention import tensorrt_plugin  # noqa: E402
+from bitdance_rt.attention.tensorrt_plugin import (PLUGIN_ID, register_plugin,  # noqa: E402
                                                  tensorrt_status)
 
 TRT_OK, TRT_REASON = tensorrt_status()
@@ -35,7 +35,7 @@ def test_trt_entry_compiles_for_hopper_without_spills():
     needed: triton.compile with an explicit target, the wheel's ptxas)."""
     if (why := _no_cuda_backend_reason()) is not None:
         pytest.skip(why)
-    from bitdance_rt.plugins.aot import TRT_PARAMS, TRT_SHARED_LIMIT, compile_trt_entry
+    from bitdance_rt.attention.aot import TRT_PARAMS, TRT_SHARED_LIMIT, compile_trt_entry
 
     info = compile_trt_entry("bf16", head_dim=128, n_q_heads=40, n_kv_heads=8, t_hint=64)
     assert info["name"] == "_kv_attn_kernel_trt"
@@ -57,7 +57,7 @@ def test_trt_entry_compiles_for_hopper_without_spills():
 
 
 def test_scratch_parameters_are_only_stripped_when_unused():
-    from bitdance_rt.plugins.aot import strip_unused_params
+    from bitdance_rt.attention.aot import strip_unused_params
 
     ptx = (".visible .entry k(\n .param .u64 k_param_0,\n .param .u32 k_param_1,\n"
            " .param .u64 k_param_2\n)\n{\n ld.param.u64 %rd1, [k_param_0];\n ret;\n}\n")
@@ -74,8 +74,8 @@ def test_trt_entry_matches_reference(seed):
     PyTorch reference: under the CPU interpreter without CUDA (conftest.py sets
     TRITON_INTERPRET=1 before anything imports the kernels), on the GPU with it."""
     pytest.importorskip("triton")
-    from bitdance_rt.plugins import triton_attention as ta
-    from bitdance_rt.plugins.reference import kv_attention_ref
+    from bitdance_rt.attention import triton_attention as ta
+    from bitdance_rt.attention.plain import kv_attention_ref
 
     if ta._interpreting():
         dev = "cpu"
@@ -119,7 +119,7 @@ def test_trt_entry_matches_reference(seed):
 def test_plugin_annotations_are_classes():
     """tensorrt.plugin checks the decorated functions' annotations with issubclass: the module
     must not postpone them (``from __future__ import annotations`` makes them strings)."""
-    from bitdance_rt.plugins import tensorrt_plugin
+    from bitdance_rt.attention import tensorrt_plugin
 
     assert "annotations" not in vars(tensorrt_plugin)
 
