@@ -250,7 +250,7 @@ def main(argv=None):
     floor = None
     if torch.device(args.device).type == "cuda":
         floor = weight_floor(model, plan, copy_bandwidth(args.device))
-        print(f"floor (SPEC section 3: weights read once per call at the measured copy rate of "
+        print(f"floor (weights read once per call at the measured copy rate of "
               f"{floor['bandwidth_Bps'] / 1e12:.2f} TB/s): {floor['total_s']:.3f} s (LLM "
               f"{floor['llm_s']:.3f}, head {floor['head_s']:.3f}, decoder {floor['decoder_s']:.3f})")
         for n in names:

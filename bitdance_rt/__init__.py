@@ -17,7 +17,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # thousands of small products; spinning threads then hold the cores between them, and when
 # another process wants a core (a server's other work, a training job) every region waits for
 # a descheduled spinner: on a 2-core machine with one core busy, the mid preset's torch
-# backend took 143 s with spinning threads and 6.6 s without (bench/RESULTS.md). ONNX Runtime
+# backend took 150.7 s with spinning threads and 6.79 s without (bench/RESULTS.md). ONNX Runtime
 # is configured the same way (allow_spinning 0). It takes effect only if bitdance_rt is
 # imported before torch (the CLI, the benchmarks and the tests are).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -313,7 +313,7 @@ class Tokenizer:
         if i is None:
             raise CheckpointError(
                 f"{self.path.name} has no special token {token!r}; BitDance needs it "
-                "(SPEC section 1 lists the image tokens)")
+                "(bitdance_rt/request.py lists the image tokens)")
         return i
 
 

@@ -139,8 +139,8 @@ def test_empty_prompt_is_refused(tiny_ckpt, tmp_path, no_weights):
     one_line_error(r, "prompt is empty")
 
 
-def test_float16_on_the_cpu_warns(tiny_ckpt, tmp_path):
-    r = gen(tiny_ckpt, "--out", str(tmp_path / "x.png"), "--dtype", "bfloat16")
+def test_float16_on_the_cpu_warns(tiny16_ckpt, tmp_path):
+    r = gen(tiny16_ckpt, "--out", str(tmp_path / "x.png"), "--dtype", "bfloat16")
     assert r.exit_code == 0, r.output
     assert "warning: --dtype bfloat16 on the CPU" in r.output
 

@@ -23,7 +23,7 @@ from bitdance_rt.export.check import check_export
 from bitdance_rt.export.head_prepare import HeadPrepare
 from bitdance_rt.export.head_step import HeadStep
 from bitdance_rt.export.source import identify_preset
-from bitdance_rt.manifest import VERIFIED, remember_hashes, sha256_file, verify_hashes
+from bitdance_rt.manifest import FORMAT, VERIFIED, remember_hashes, sha256_file, verify_hashes
 from bitdance_rt.request import GenerationRequest
 from bitdance_rt.runtime import StageTimer, generate, generate_tokens, plan_for
 from bitdance_rt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -66,7 +66,7 @@ def test_manifest_describes_every_graph(export_dir, tiny_model):
     import onnx
 
     m = json.loads((export_dir / "manifest.json").read_text())
-    assert m["format"] == 3 and m["preset"] == "tiny-4x"
+    assert m["format"] == FORMAT == 4 and m["preset"] == "tiny-4x"
     assert m["config_hash"] == tiny_model.spec.config_hash()
     assert m["dtype"] == "fp32" and m["opset"] == 18 and m["attention"] == "standard"
     assert m["cache_slots"] is None and m["default_size"] == [1024, 1024]

@@ -45,10 +45,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     pad = -m % ROW_TILE
     if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, k)])
-    out = torch.empty(m + pad, weight.shape[0], dtype=x.dtype)
-    for start in range(0, m + pad, ROW_TILE):
-        out[start:start + ROW_TILE] = F.linear(rows[start:start + ROW_TILE], weight, bias)
+        rows = F.pad(rows, (0, 0, 0, pad))
+    if m + pad == ROW_TILE:
+        out = F.linear(rows, weight, bias)
+    else:
+        out = torch.cat([F.linear(t, weight, bias) for t in rows.split(ROW_TILE)])
     return out[:m].reshape(*lead, weight.shape[0])
 
 
