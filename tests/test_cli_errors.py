@@ -140,7 +140,11 @@ def test_empty_prompt_is_refused(tiny_ckpt, tmp_path, no_weights):
 
 
 def test_float16_on_the_cpu_warns(tiny16_ckpt, tmp_path):
-    r = gen(tiny16_ckpt, "--out", str(tmp_path / "x.png"), "--dtype", "bfloat16")
+    # a copy that declares a 64x64 size: one block (bfloat16 runs slowly on the CPU)
+    small = copy_ckpt(tiny16_ckpt, tmp_path / "small")
+    (small / "bitdance_rt.json").write_text(json.dumps({"sizes": [[64, 64]]}))
+    r = gen(small, "--out", str(tmp_path / "x.png"), "--dtype", "bfloat16", "--height", "64",
+            "--width", "64")
     assert r.exit_code == 0, r.output
     assert "warning: --dtype bfloat16 on the CPU" in r.output
 

@@ -206,7 +206,7 @@ def test_bench_json_shape(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "latency.py"), "--preset", "tiny",
                         "--weights", "random", "--backends", "reference,torch", "--height", "256",
-                        "--width", "896", "--steps", "2", "--warmup", "0", "--replay", "2",
+                        "--width", "896", "--steps", "1", "--warmup", "0", "--replay", "2",
                         "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

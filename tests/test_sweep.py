@@ -76,8 +76,9 @@ def draw_config(seed: int, wide: bool) -> dict:
     rng = random.Random(seed)
     p = rng.choice([4, 16, 16, 64])
     gan = rng.random() < 0.4
-    size = LONG_SIZES[p] if wide and rng.random() < 0.04 else rng.choice(SIZES[p])
-    steps = rng.randint(1, 6)
+    size = LONG_SIZES[p] if wide and rng.random() < 0.04 else rng.choice(
+        SIZES[p] if wide else SIZES[p][:3])
+    steps = rng.randint(1, 6 if wide else 3)
     guidance = 1.0 if rng.random() < 0.3 else round(rng.uniform(1.05, 9.0), 3)
     reqs, images = [], 0
     for _ in range(rng.choice([1, 1, 2, 3])):
