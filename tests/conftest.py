@@ -1,22 +1,13 @@
 import os
 
-# One thread per process: the tests' models are tiny, and on the 2-core machines that run the
-# suite, waking a second thread for every small product costs more than it saves (a tiny
-# checkpoint's generation runs 2.7x faster on one thread there). Set before torch starts its
-# thread pools; subprocesses inherit it. Results do not depend on it (oneMKL's strict mode
-# fixes the summation order whatever the number of threads).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Without CUDA the Triton kernels run in Triton's CPU interpreter. ``triton.jit`` reads
 # TRITON_INTERPRET when a kernel module is imported, so it is set here, before any test module
 # is collected: no import order can leave a kernel compiled for a GPU this machine lacks.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from bitdance_rt.tiny import make_tiny  # noqa: E402
 

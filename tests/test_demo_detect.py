@@ -16,7 +16,7 @@ def _set(n, size, start=0):
     return imgs, caps
 
 
-@pytest.mark.parametrize("size", [128, 256])
+@pytest.mark.parametrize("size", [128, pytest.param(256, marks=pytest.mark.slow)])
 def test_ground_truth_scores_high(size):
     imgs, caps = _set(150, size)
     res = detect.score(imgs, caps)

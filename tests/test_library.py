@@ -53,7 +53,8 @@ def test_requests_in_one_process_equal_separate_processes(tiny16_ckpt, tmp_path)
     assert torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+# the torch backend's batch invariance is swept in tests/test_sweep.py
+@pytest.mark.parametrize("backend", [pytest.param("torch", marks=pytest.mark.slow), "reference"])
 def test_batched_requests_equal_requests_alone(tiny16_ckpt, backend):
     """Two requests in one AR run (their own prompts, lengths and seeds in one batch) give the
     images each gives alone, bit for bit."""

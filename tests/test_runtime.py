@@ -36,10 +36,10 @@ def tiny64_ckpt(tmp_path_factory):
 
 
 # Released sizes (long sequences) at P = 4, 16, 64; tests/test_sweep.py covers many more
-# configurations on small sizes (and these sizes in its wide run). The default suite runs one
-# per P, the others under -m slow.
+# configurations on small sizes (and these sizes in its wide run). The default suite runs
+# P = 16 and 64 here, the others under -m slow.
 CASES = [  # (fixture, height, width, guidance, images)
-    ("tiny_ckpt", 256, 896, 4.0, 1),
+    pytest.param("tiny_ckpt", 256, 896, 4.0, 1, marks=pytest.mark.slow),
     pytest.param("tiny_ckpt", 256, 896, 1.0, 1, marks=pytest.mark.slow),
     ("tiny16_ckpt", 256, 1024, 3.0, 2),
     pytest.param("tiny16_ckpt", 256, 1024, 1.0, 2, marks=pytest.mark.slow),
@@ -226,7 +226,8 @@ def test_bench_json_shape(tmp_path):
     assert "reference/torch" in r.stdout
 
 
-@pytest.mark.parametrize("guidance,images", [(4.0, 1), (1.0, 2)])
+# the sweep (tests/test_sweep.py) runs the graph code paths over many more configurations
+@pytest.mark.parametrize("guidance,images", [(4.0, 1), pytest.param(1.0, 2, marks=pytest.mark.slow)])
 def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, guidance, images):
     """The CUDA-graph code paths on the CPU, each capture replaced by its stand-in
     (``RecordedGraph``: records the body's ops, drops the body and its closure as a capture
