@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU-only check in one run, for a session lent a GPU (the `device` tool's `run`):
+# Every GPU-only check of bitdance-rt in one run, for a user with a CUDA GPU (an H100/H200 or
+# any card with >= 40 GB for the 14B-shaped latency step):
 #
-#   OUT=$OUT bash bench/gpu_check.sh           # on the GPU machine (timeout_s 600)
-#   SMOKE=1 OUT=/tmp/smoke bash bench/gpu_check.sh   # here, on the CPU: same steps, small
-#                                                    # shapes, to catch plumbing errors first
-#                                                    # (3x the limits, a 1800 s budget)
+#   OUT=gpu_out bash bench/gpu_check.sh          # on the GPU machine, from the repository root
+#   SMOKE=1 OUT=/tmp/smoke bash bench/gpu_check.sh   # on a CPU-only machine: the same steps on
+#                                                    # small shapes, to catch plumbing errors
+#                                                    # before GPU time is spent (3x the limits,
+#                                                    # a 1800 s budget)
+#
+# It needs the machine's python3 with torch (CUDA) and triton; nothing is installed, the
+# repository is put on PYTHONPATH. It finishes within about 9 minutes, and writes what it
+# measured to $OUT (below) as it goes, so a run stopped early still leaves its numbers.
 #
 # Steps, most important first, each under its own time limit (a failing or stopped step does
 # not stop the others). Limits: startup 20 s, latency 190 s, latency_fp8 60 s,
 # latency_fp8-weight 60 s, attention 60 s, pytest_gpu 60 s, agreement 60 s; 3 s more per step
 # for a step that ignores SIGTERM (timeout -k). At most 528 s in all, and a step never runs
 # past BUDGET (540 s from the start: it is shortened, or skipped when under 10 s are left), so
-# the whole script ends inside one 600 s call.
+# the whole script ends within 10 minutes (e.g. inside a job limit of 600 s).
 #   1. latency: bench/latency.py, 14b-64x with random weights at 1024x1024, N = 50, g = 7.5,
 #      reference against torch (CUDA graphs, bf16), per-stage table, block-step growth and the
 #      weight-read floor.
@@ -37,9 +43,8 @@
 #                 written by each script when it completes (until then its rows are in log.txt)
 #   agreement.json  rewritten after every configuration ("complete": false until the last)
 #
-# The GPU machine has no package registry: nothing is installed, the repository is put on
-# PYTHONPATH and the machine's own python3 (with torch and triton) runs everything. TensorRT is
-# not on it: the TensorRT backend's GPU tests need a machine with TensorRT.
+# TensorRT is not needed (nor used): the TensorRT backend's GPU tests run under
+# `python -m pytest -m "gpu and trt"` on a machine with TensorRT installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

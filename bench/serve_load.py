@@ -147,7 +147,7 @@ def table(results, levels):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--url", action="append", default=[],
                    help="A running server (repeat for several; NAME=URL to name it).")
     p.add_argument("--launch", default="", help="Servers to start: single, ray:N (comma list).")

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -9,18 +10,55 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from bitdance_rt.spec import RELEASED_SIZES  # noqa: E402
 from bitdance_rt.tiny import make_tiny  # noqa: E402
+
+# Sizes of a few blocks that the shared P = 4 checkpoint declares besides the released ones
+# (its defaults stay the released model's), so that many configurations run in seconds.
+SMALL_SIZES = ((64, 64), (64, 96), (96, 64), (128, 64), (96, 96))
+# and the shared P = 16 checkpoint's (P = 16 blocks are 4 x 4 tokens: multiples of 64 pixels)
+SMALL_SIZES_16 = ((64, 64), (128, 128), (128, 256), (256, 128))
+
+
+def declare_sizes(path, small):
+    """Let a tiny checkpoint take ``small`` sizes besides the released ones (its defaults stay
+    the released model's)."""
+    (path / "bitdance_rt.json").write_text(json.dumps(
+        {"sizes": [list(s) for s in RELEASED_SIZES + small]}))
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
-    """A make-tiny checkpoint with P = 4 (seed 0), shared by the session."""
-    return make_tiny(tmp_path_factory.mktemp("tiny4"), parallel_num=4, seed=0)
+    """A make-tiny checkpoint with P = 4 (seed 0), shared by the session: the released sizes
+    and :data:`SMALL_SIZES`."""
+    return declare_sizes(make_tiny(tmp_path_factory.mktemp("tiny4"), parallel_num=4, seed=0),
+                         SMALL_SIZES)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_ckpt, tmp_path_factory):
+    """The standard ONNX export of :func:`tiny_ckpt`, made once through the CLI and shared by
+    the session: tests read it, and copy it before changing anything in it."""
+    from typer.testing import CliRunner
+
+    from bitdance_rt.cli import export_app
+    from bitdance_rt.export import GRAPHS
+
+    out = tmp_path_factory.mktemp("onnx4") / "export"
+    r = CliRunner().invoke(export_app, ["--checkpoint", str(tiny_ckpt), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for name in GRAPHS:  # one progress line per graph
+        assert f"] {name}: {name}.onnx" in r.output
+    return out
 
 
 @pytest.fixture(scope="session")
 def tiny16_ckpt(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny16"), parallel_num=16, seed=1)
+    """A make-tiny checkpoint with P = 16 (seed 1): the released sizes and
+    :data:`SMALL_SIZES_16`."""
+    return declare_sizes(make_tiny(tmp_path_factory.mktemp("tiny16"), parallel_num=16, seed=1),
+                         SMALL_SIZES_16)
 
 
 # Random tests take their inputs from a parameter named ``seed`` (a fixed list of seeds:

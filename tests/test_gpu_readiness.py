@@ -41,7 +41,7 @@ def one_line(e) -> str:
 
 def test_gpu_check_limits_fit_one_call_and_the_header_says_them():
     """The steps' limits, their kill grace and the startup's timeouts add up to at most the
-    script's budget (540 s, inside the device tool's 600 s per call); the header states every
+    script's budget (540 s: the run ends within 9 minutes); the header states every
     limit the script uses and names every file the script writes."""
     text = (ROOT / "bench" / "gpu_check.sh").read_text()
     steps = [(m.group(1).replace('"', "").replace("$recipe", r), int(m.group(2)))

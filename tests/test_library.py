@@ -12,7 +12,7 @@ import torch
 
 from bitdance_rt.checkpoint import load_checkpoint
 from bitdance_rt.request import GenerationRequest
-from bitdance_rt.runtime import generate, plan_for
+from bitdance_rt.runtime import generate, generate_tokens, plan_for
 from bitdance_rt.runtime.backends.reference import ReferenceBackend
 from bitdance_rt.runtime.backends.torch_backend import TorchBackend
 from bitdance_rt.runtime.graphs import CaptureError, RecordedGraph
@@ -20,9 +20,10 @@ from bitdance_rt.runtime.session import Session
 
 ROOT = Path(__file__).resolve().parents[1]
 
-A = GenerationRequest("a small red boat on a calm lake at dawn", 256, 1024, steps=2,
+# 128x256: 8 blocks of the P = 16 checkpoint (one of its small sizes, tests/conftest.py)
+A = GenerationRequest("a small red boat on a calm lake at dawn", 128, 256, steps=2,
                       guidance=3.0, seed=11)
-B = GenerationRequest("fox", 256, 1024, steps=2, guidance=3.0, seed=12345, num_images=2)
+B = GenerationRequest("fox", 128, 256, steps=2, guidance=3.0, seed=12345, num_images=2)
 
 
 def _alone_in_subprocess(ckpt, req, out):
@@ -53,17 +54,33 @@ def test_requests_in_one_process_equal_separate_processes(tiny16_ckpt, tmp_path)
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def assert_same_image(backend: str, alone: torch.Tensor, batched: torch.Tensor) -> None:
+    """The torch backend decodes image by image: bit for bit. The reference decodes a run's
+    images in one call, as the authors' pipeline does, and the CPU's convolutions round by the
+    batch they see: its pixels may differ by one level in a few places (its tokens are
+    compared exactly where the tests can reach them)."""
+    if backend == "torch":
+        assert torch.equal(alone, batched)
+        return
+    diff = (alone.int() - batched.int()).abs()
+    assert diff.max().item() <= 1 and (diff > 0).float().mean().item() <= 1e-3
+
+
 # the torch backend's batch invariance is swept in tests/test_sweep.py
 @pytest.mark.parametrize("backend", [pytest.param("torch", marks=pytest.mark.slow), "reference"])
 def test_batched_requests_equal_requests_alone(tiny16_ckpt, backend):
     """Two requests in one AR run (their own prompts, lengths and seeds in one batch) give the
-    images each gives alone, bit for bit."""
+    tokens each gives alone, bit for bit, and the same images (:func:`assert_same_image`)."""
     session = Session.open(tiny16_ckpt, device="cpu", backend=backend)
+    be = session.backend
+    together = generate_tokens(be, session.plan(A, B), [(A.seed, 1), (B.seed, 2)])
+    assert torch.equal(together[:1], generate_tokens(be, session.plan(A), [(A.seed, 1)]))
+    assert torch.equal(together[1:], generate_tokens(be, session.plan(B), [(B.seed, 2)]))
     alone = [session.generate(r)[0] for r in (A, B)]
     together = session.generate(A, B)
     assert [t.shape[0] for t in together] == [1, 2]
     for a, t in zip(alone, together):
-        assert torch.equal(a, t)
+        assert_same_image(backend, a, t)
 
 
 def test_buffers_are_reused_when_large_enough(tiny16_ckpt):
@@ -169,10 +186,10 @@ def test_reference_is_a_backend_with_the_authors_extra_llm_call(tiny_ckpt):
     from bitdance_rt.runtime import StageTimer
 
     model = load_checkpoint(tiny_ckpt)
-    plan = plan_for(model, GenerationRequest("x", 256, 896, steps=1, guidance=2.0, seed=1))
+    plan = plan_for(model, GenerationRequest("x", 96, 96, steps=1, guidance=2.0, seed=1))
     timer = StageTimer("cpu")
     generate(ReferenceBackend(model), plan, 1, timer)
-    blocks = 16 * 56 // 4
+    blocks = 6 * 6 // 4
     assert timer.stats["block_step"].calls == 2 * blocks  # one call per prompt, after every block
 
 
@@ -196,7 +213,7 @@ def test_dropping_a_request_mid_run_keeps_the_others_exact(tiny16_ckpt, backend,
     session = Session.open(tiny16_ckpt, device="cpu", backend=backend)
     if graphs:
         session.backend = TorchBackend(session.model, emulate_graphs=True)
-    c = GenerationRequest("a third prompt, longer than the others", 256, 1024, steps=2,
+    c = GenerationRequest("a third prompt, longer than the others", 128, 256, steps=2,
                           guidance=3.0, seed=77)
     alone = {r.seed: session.generate(r)[0] for r in (A, c)}
     seen = []
@@ -207,8 +224,9 @@ def test_dropping_a_request_mid_run_keeps_the_others_exact(tiny16_ckpt, backend,
 
     out = session.generate(A, B, c, on_step=on_step)
     assert out[1] is None
-    assert torch.equal(out[0], alone[A.seed]) and torch.equal(out[2], alone[c.seed])
-    assert seen == list(range(1, 16 * 64 // 16 + 1))  # every block reported
+    assert_same_image(backend, alone[A.seed], out[0])
+    assert_same_image(backend, alone[c.seed], out[2])
+    assert seen == list(range(1, 8 * 16 // 16 + 1))  # every block reported
     if backend == "torch":
         rows = session.backend.cache.k.shape[1]
         assert rows == (8 if graphs else 4)  # graphs keep the captured batch of 4 images

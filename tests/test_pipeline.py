@@ -22,6 +22,7 @@ from bitdance_rt.runtime.backends.reference import ReferenceBackend
 from bitdance_rt.sampling import NoiseSource, em_update, time_grid
 from bitdance_rt.spec import RELEASED_SIZES, check_size
 from bitdance_rt.tiny import make_tiny
+from conftest import SMALL_SIZES_16, declare_sizes
 
 # Tokens and 16x16-tile image means written by the authors' own pipeline (their public code,
 # run in float32 on the CPU over checkpoints from `make-tiny`); see tests/data/README.md.
@@ -157,14 +158,15 @@ def test_demo_autoencoder_round_trip():
 
 
 def test_gan_decoder_checkpoint(tmp_path):
-    ckpt = make_tiny(tmp_path / "gan", parallel_num=16, seed=4, gan_decoder=True)
+    ckpt = declare_sizes(make_tiny(tmp_path / "gan", parallel_num=16, seed=4, gan_decoder=True),
+                         SMALL_SIZES_16)
     model = load_checkpoint(ckpt)
     assert model.ae.decoder.conv_in.in_channels == 64
-    req = GenerationRequest("noise after tokens", 256, 896, steps=2, guidance=2.0, seed=3)
+    req = GenerationRequest("noise after tokens", 128, 256, steps=2, guidance=2.0, seed=3)
     plan, pipe = plan_for(model, req), ReferenceBackend(model)
     a, b = generate(pipe, plan, req.seed), generate(pipe, plan, req.seed)
     assert torch.equal(a, b)
-    h, w = check_size(256, 896)
+    h, w = check_size(128, 256, model.spec.info.sizes)
     noise = NoiseSource.from_seeds(req.seed, "cpu")
     tokens = generate_tokens(pipe, plan, None, noise=noise)
     # the decoder noise is the draw right after the last AR step's
@@ -178,7 +180,7 @@ def run_cli(*args):
 
 def test_cli_same_seed_same_png(tiny_ckpt, tmp_path):
     common = ["generate", "--checkpoint", str(tiny_ckpt), "--prompt", "a red fox", "--height",
-              "256", "--width", "896", "--steps", "2", "--guidance", "3.0", "--device", "cpu",
+              "96", "--width", "96", "--steps", "2", "--guidance", "3.0", "--device", "cpu",
               "--dtype", "float32", "--no-progress"]
     outs = []
     for name, seed in [("a.png", "5"), ("b.png", "5"), ("c.png", "6")]:

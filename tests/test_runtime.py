@@ -67,7 +67,7 @@ def test_plugin_op_and_plain_attention_agree(tiny16_ckpt):
     the contract (one masked product over the whole cache, fp32): two independent
     computations of the same attention give the same image."""
     model = load_checkpoint(tiny16_ckpt)
-    req = GenerationRequest("plugin", 256, 1024, steps=2, guidance=5.0, seed=3)
+    req = GenerationRequest("plugin", 128, 256, steps=2, guidance=5.0, seed=3)
     plan = plan_for(model, req)
     a, b = TorchBackend(model, use_plugin=True), TorchBackend(model, use_plugin=False)
     assert a.attention is not b.attention
@@ -84,7 +84,7 @@ def test_compiled_head_gives_the_same_image(tiny_ckpt):
     """``--compile`` (the head's x-dependent network through torch.compile) keeps the image."""
     torch._dynamo.reset()
     model = load_checkpoint(tiny_ckpt)
-    req = GenerationRequest("compiled", 256, 896, steps=2, guidance=3.0, seed=8)
+    req = GenerationRequest("compiled", 96, 96, steps=2, guidance=3.0, seed=8)
     plan = plan_for(model, req)
     eager = generate(TorchBackend(model), plan, req.seed)
     be = TorchBackend(model, compile=True)
@@ -96,11 +96,11 @@ def test_compiled_head_gives_the_same_image(tiny_ckpt):
 def test_one_llm_call_per_block_and_reuse(tiny16_ckpt):
     model = load_checkpoint(tiny16_ckpt)
     backend = TorchBackend(model)
-    req = GenerationRequest("count", 256, 1024, steps=2, guidance=4.0, seed=1)
+    req = GenerationRequest("count", 128, 256, steps=2, guidance=4.0, seed=1)
     plan = plan_for(model, req)
     timer = StageTimer("cpu")
     first = generate(backend, plan, req.seed, timer)
-    blocks = 16 * 64 // 16
+    blocks = 8 * 16 // 16
     # counted while running (forward hooks), not declared by the backend
     assert timer.stats["block_step"].calls == blocks - 1  # none after the last block
     assert timer.stats["prefill"].calls == 3  # causal per prompt, then one batched block call
@@ -193,7 +193,7 @@ def test_cli_backends_agree(tiny_ckpt, tmp_path):
     for backend in ("reference", "torch"):
         path = tmp_path / f"{backend}.png"
         r = CliRunner().invoke(rt_app, [
-            "generate", "-c", str(tiny_ckpt), "-p", "cli", "--height", "256", "--width", "896",
+            "generate", "-c", str(tiny_ckpt), "-p", "cli", "--height", "96", "--width", "96",
             "--steps", "2", "--guidance", "3", "--device", "cpu", "--backend", backend,
             "--timings", "--no-progress", "--out", str(path)])
         assert r.exit_code == 0, r.output
@@ -234,7 +234,7 @@ def test_graph_bodies_match_eager_on_cpu(tiny16_ckpt, guidance, images):
     does, replays the ops, refuses ops a capture cannot hold): the same image as the eager
     path, and one capture serves a second run of the same plan."""
     model = load_checkpoint(tiny16_ckpt)
-    req = GenerationRequest("graph bodies", 256, 1024, steps=3, guidance=guidance, seed=4,
+    req = GenerationRequest("graph bodies", 128, 256, steps=3, guidance=guidance, seed=4,
                             num_images=images)
     plan = plan_for(model, req)
     eager = generate(TorchBackend(model, cuda_graphs=False), plan, req.seed)
