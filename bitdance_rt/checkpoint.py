@@ -8,7 +8,7 @@ strictly and names the file and key of any mismatch.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RequestError
+from .files import PLAIN_NAME, Check, MapOf, Nullable, Opt, check_schema, inside, read_json
 from .models.autoencoder import AEConfig, BinaryAutoencoder
 from .models.head import DiffusionHead, HeadConfig
 from .models.projector import Projector
@@ -31,13 +32,39 @@ INFO_FILE = "bitdance_rt.json"
 # Reading a directory
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, schema=None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a BitDance checkpoint directory needs it")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, "", error=CheckpointError, schema=schema,
+                     fix="is this a BitDance checkpoint directory? download the file again")
+
+
+# The types of the config files' values (checked before any value is used; the dataclasses'
+# own checks, :meth:`ModelSpec.validate`, then check the ranges).
+_DIM = Check(int, lambda v: 1 <= v <= 2**31 - 1, "an integer from 1 to 2^31-1")
+_COUNT = Check(int, lambda v: 0 <= v <= 2**31 - 1, "an integer from 0 to 2^31-1")
+_POSITIVE = Check(float, lambda v: v > 0, "a positive number")
+LLM_SCHEMA = {
+    "vocab_size": _DIM, "hidden_size": _DIM, "intermediate_size": _DIM,
+    "num_hidden_layers": _DIM, "num_attention_heads": _DIM,
+    "num_key_value_heads": Opt(_DIM), "head_dim": Opt(Nullable(_DIM)),
+    "rms_norm_eps": Opt(_POSITIVE), "rope_theta": Opt(_POSITIVE),
+    "max_position_embeddings": Opt(_DIM), "tie_word_embeddings": Opt(bool),
+}
+HEAD_SCHEMA = {
+    "ch_target": _DIM, "ch_cond": _DIM, "ch_latent": _DIM, "depth_latent": _DIM,
+    "depth_adanln": _DIM, "use_swiglu": bool, "parallel_num": _DIM, "time_shift": _POSITIVE,
+    "time_schedule": str, "P_mean": float, "P_std": float, "diff_batch_mul": _DIM,
+    "grad_checkpointing": bool,
+}
+AE_SCHEMA = {
+    "ddconfig": {"ch": Opt(_DIM), "ch_mult": Opt(Check([_DIM], lambda v: len(v) >= 1,
+                                                       "a non-empty array of integers >= 1")),
+                 "num_res_blocks": Opt(_COUNT), "z_channels": Opt(_DIM),
+                 "in_channels": Opt(_DIM), "out_ch": Opt(_DIM), "double_z": Opt(bool)},
+    "gan_decoder": Opt(bool),
+}
+INDEX_SCHEMA = {"weight_map": MapOf(PLAIN_NAME)}
 
 
 def read_spec(ckpt_dir: str | os.PathLike) -> ModelSpec:
@@ -47,7 +74,8 @@ def read_spec(ckpt_dir: str | os.PathLike) -> ModelSpec:
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
-    llm = _parse(d / "config.json", Qwen3Config.from_hf_dict)
+    _refuse_other_family(d)
+    llm = _parse(d / "config.json", Qwen3Config.from_hf_dict, schema=LLM_SCHEMA)
     head_path = d / "vision_head_config.json"
     head_dict = _read_json(head_path)
     expected = set(HeadConfig.__dataclass_fields__)
@@ -55,8 +83,8 @@ def read_spec(ckpt_dir: str | os.PathLike) -> ModelSpec:
         raise CheckpointError(
             f"{head_path} must hold exactly the keys {sorted(expected)}; "
             f"missing {sorted(expected - set(head_dict))}, extra {sorted(set(head_dict) - expected)}")
-    head = _parse(head_path, lambda h: HeadConfig(**h), head_dict)
-    ae = _parse(d / "ae_config.json", AEConfig.from_json_dict)
+    head = _parse(head_path, lambda h: HeadConfig(**h), head_dict, schema=HEAD_SCHEMA)
+    ae = _parse(d / "ae_config.json", AEConfig.from_json_dict, schema=AE_SCHEMA)
     info_path = d / INFO_FILE
     info = (ModelInfo.from_json_dict(_read_json(info_path), info_path) if info_path.is_file()
             else ModelInfo())
@@ -68,28 +96,41 @@ def read_spec(ckpt_dir: str | os.PathLike) -> ModelSpec:
     return spec
 
 
-def _parse(path: Path, make, data=None):
-    """``make(json of path)``, with a missing key or a wrong type reported as one line."""
+def _refuse_other_family(d: Path) -> None:
+    """A class-conditional ImageNet directory is named as such, not as a broken one."""
+    from .imagenet.checkpoint import family_of
+
+    if family_of(d) is not None:
+        raise CheckpointError(f"{d} is a class-conditional ImageNet checkpoint; this command "
+                              "takes text-to-image checkpoints (ImageNet ones run with "
+                              "`bitdance-rt generate --class`)")
+
+
+def _parse(path: Path, make, data=None, schema=None):
+    """``make(json of path)``, after the values' types were checked against ``schema``; a
+    missing key or a wrong type or range is reported as one line."""
     data = _read_json(path) if data is None else data
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+    if schema is not None:
+        check_schema(data, schema, str(path), error=CheckpointError,
+                     fix="correct it or download the file again")
     try:
         return make(data)
     except KeyError as e:
         raise CheckpointError(f"{path} lacks the key {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise CheckpointError(f"{path} has a value of the wrong type or range ({e})") from None
 
 
 def _llm_files(d: Path) -> dict[str, Path]:
-    """Map each LLM key to the safetensors file that holds it (single or sharded)."""
+    """Map each LLM key to the safetensors file that holds it (single or sharded); shards are
+    files inside the checkpoint directory."""
     index = d / "model.safetensors.index.json"
     single = d / "model.safetensors"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map'")
-        files = {k: d / v for k, v in weight_map.items()}
+        weight_map = _read_json(index, INDEX_SCHEMA)["weight_map"]
+        fix = "download the checkpoint again"
+        files = {k: inside(d, v, "shard", error=CheckpointError, fix=fix)
+                 for k, v in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():
                 raise CheckpointError(f"{f} is listed in {index.name} but missing")
@@ -99,6 +140,58 @@ def _llm_files(d: Path) -> dict[str, Path]:
     raise CheckpointError(
         f"no language model weights in {d}: expected model.safetensors or "
         "model.safetensors.index.json with its shards")
+
+
+# Every weight is checked for NaN and infinity once: a file whose tensors were all found finite
+# is recorded in the checkpoint directory's hash record and not checked again until it changes.
+FINITE = "finite"
+
+
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many values of ``tensor`` are NaN or infinite (0 for integer and float8 codes)."""
+    if not tensor.is_floating_point() or tensor.element_size() == 1:
+        return 0
+    return int(tensor.numel() - torch.isfinite(tensor).sum())
+
+
+def check_finite(tensor: torch.Tensor, key: str, where, fix: str = "the file is damaged, or "
+                 "the weights diverged in training: download it again") -> None:
+    """Refuse a tensor with NaN or infinite values: one line naming the tensor and the file."""
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise CheckpointError(f"{where}: tensor {key!r} holds {bad} NaN or infinite value"
+                              f"{'s' if bad > 1 else ''} (of {tensor.numel()}); {fix}")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path, what: str = "safetensors", fix: str = "download it again"):
+    """``safe_open(path)`` with every error of the file (not safetensors, truncated, a header
+    that lies) one CheckpointError naming the file (read as ``what``) and ``fix``."""
+    from safetensors import safe_open
+
+    def damaged(e):
+        return CheckpointError(f"{path} cannot be read as {what} ({_first_line(e)}); the "
+                               f"file is damaged or incomplete: {fix}")
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise damaged(e) from None
+    try:
+        with handle:
+            yield handle
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError, OverflowError) as e:
+        raise damaged(e) from None
+    except Exception as e:
+        if type(e).__module__.startswith("safetensors"):
+            raise damaged(e) from None
+        raise
+
+
+def _first_line(e) -> str:
+    text = " ".join(str(e).split())
+    return text[:200] if text else type(e).__name__
 
 
 def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what: str,
@@ -126,13 +219,14 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
     by_file: dict[Path, list[str]] = {}
     for k, f in files.items():
         by_file.setdefault(f, []).append(k)
+    from .manifest import recall_verdict, remember_verdict, verdict_record
+
     for f, keys in by_file.items():
-        try:
-            handle = safe_open(f, framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{f} cannot be read as safetensors ({e}); the file is "
-                                  "damaged or incomplete: download it again") from None
-        with handle:
+        record = verdict_record(f.parent)
+        checked = recall_verdict(f.parent, FINITE, f.name, record)
+        checked = set(checked) if isinstance(checked, list) else set()
+        now = set()
+        with open_safetensors(f) as handle:
             for k in keys:
                 shape = tuple(handle.get_slice(k).get_shape())
                 if shape != expected[k]:
@@ -141,31 +235,26 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
                         f"{list(expected[k])}")
                 if k.startswith(skip) if skip else False:
                     continue
-                try:
-                    tensor = handle.get_tensor(k)
-                except Exception as e:
-                    raise CheckpointError(f"{f} cannot be read ({e}); the file is damaged or "
-                                          "incomplete: download it again") from None
+                tensor = handle.get_tensor(k)
                 if k in stored and tensor.dtype != stored[k]:
                     raise CheckpointError(
                         f"{f.name}: key {k!r} is {tensor.dtype}, the checkpoint's quantization."
                         f"json says {stored[k]}; re-run `bitdance-export quantize`")
+                if k not in checked:
+                    check_finite(tensor, k, f)
+                    now.add(k)
                 state[k] = tensor.to(device=device, dtype=stored.get(k, dtype))
+        if now:
+            remember_verdict(f.parent, FINITE, {f.name: sorted(checked | now)}, record)
     module.load_state_dict(state, strict=not skip, assign=True)
     return module
 
 
 def _module_files(path: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a BitDance checkpoint directory needs it")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: path for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); the file is "
-                              "damaged or incomplete: download it again") from None
+    with open_safetensors(path) as f:
+        return {k: path for k in f.keys()}
 
 
 @dataclass
@@ -280,6 +369,10 @@ def weights_fingerprint(ckpt_dir, samples: int = 16, chunk: int = 4096) -> str:
                 h.update(f.read())
                 continue
             head_len = struct.unpack("<Q", f.read(8))[0]
+            if head_len > size - 8:
+                raise CheckpointError(f"{path} cannot be read as safetensors (its header claims "
+                                      f"{head_len} bytes of a {size}-byte file); the file is "
+                                      "damaged or incomplete: download it again")
             h.update(f.read(head_len))
             start = 8 + head_len
             span = max(0, size - start - chunk)
@@ -306,7 +399,11 @@ class Tokenizer:
         self.path = path
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # the tokenizers package's errors for text it cannot take
+            raise RequestError(f"the tokenizer {self.path} cannot encode the prompt "
+                               f"({_first_line(e)}); give the prompt as plain UTF-8 text") from None
 
     def token_id(self, token: str) -> int:
         i = self._tok.token_to_id(token)

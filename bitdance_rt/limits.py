@@ -21,3 +21,8 @@ SERVE_PORT = 8000
 SERVE_MAX_BATCH = 8      # images in one AR run
 SERVE_MAX_QUEUE = 64     # requests waiting (not running); more get 429
 SERVE_TIMEOUT_S = 600.0  # seconds from arrival to the response; then 504
+SERVE_MAX_BODY = 1 << 20         # bytes of a request body, counted as they arrive; more: 413
+SERVE_CLIENT_TIMEOUT_S = 30.0    # seconds for a request's head, for its body, and for the client
+                                 # to take each piece of an answer; then 408 and closed
+# SIGTERM's drain lasts at most --drain-timeout seconds, by default the --timeout (every request
+# received is answered or timed out by then); then what is left is dropped

@@ -14,6 +14,14 @@ weights), that another version of ``bitdance-export`` wrote, or whose files are 
 wrong size or of other content than the export wrote (sha256), each with an
 :class:`~bitdance_rt.errors.EngineError` naming the file and the fix.
 
+Hashes cannot be walked around: a manifest (and ``engines.json``) is read through the one JSON
+reader with its schema (:data:`MANIFEST_SCHEMA`, :data:`ENGINES_SCHEMA`: every field typed);
+every graph has one list of files, each with its size and sha256, and the ``file`` it loads
+must be one of them; every listed name stays inside the directory
+(:func:`~bitdance_rt.files.inside`: no absolute paths, no ``..``, no symbolic links leading
+out); and a graph or engine is opened only through :func:`graph_file` / :func:`engine_file`,
+which verify its files first.
+
 Hashing a 28 GB export takes tens of seconds, so a verified hash is remembered per directory in
 :data:`VERIFIED` (file name, size, modification time and inode): a file that was not touched
 since is not read again. Writing a file changes its modification time, so damage done by a
@@ -31,11 +39,14 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from importlib import metadata
 from pathlib import Path
 
 from .errors import EngineError
+from .files import (PATH_TEXT, PLAIN_NAME, Check, MapOf, Nullable, Opt, check_schema, inside,
+                    is_plain_name, read_json)
 
 MANIFEST = "manifest.json"
 FORMAT = 4  # 3: sha256 of every graph file; native attention (per-layer caches in and out);
@@ -79,7 +90,38 @@ def expected_inputs(name: str, attention: str, num_layers: int) -> set[str]:
     return want
 
 
+# The shape of a manifest (older versions' manifests are refused by their format first).
+SHA256 = Check(str, lambda v: re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+               "a sha256 (64 lower-case hex digits)")
+SIZE = Check(int, lambda v: v >= 0, "a size in bytes (an integer >= 0)")
+POSITIVE = Check(int, lambda v: v >= 1, "an integer >= 1")
+PAIR = Check([int], lambda v: len(v) == 2 and min(v) > 0, "[height, width] in pixels")
+_TENSOR = {"name": str, "dtype": str, "shape": [(int, str)]}
+GRAPH_SCHEMA = {
+    "file": PLAIN_NAME,                 # the file that is loaded: one of ``files``
+    "files": MapOf(SIZE, PLAIN_NAME),   # every file of the graph, with its size ...
+    "sha256": MapOf(SHA256, PLAIN_NAME),  # ... and its content hash
+    "inputs": [_TENSOR], "outputs": [_TENSOR],
+    "dynamic_axes": Opt(MapOf(MapOf(str))), "external_data": Opt(bool),
+}
+MANIFEST_SCHEMA = {
+    "format": int, "config_hash": str, "dtype": str, "parallel_num": POSITIVE,
+    "graphs": MapOf(GRAPH_SCHEMA),
+    "limits": {"max_batch": POSITIVE, "max_rows": POSITIVE, "max_seq": POSITIVE},
+    "preset": Opt(Nullable(str)), "checkpoint_config_hash": Opt(Nullable(str)),
+    "weights_fingerprint": Opt(Nullable(str)), "num_layers": Opt(Nullable(POSITIVE)),
+    "gan_decoder": Opt(bool), "opset": Opt(int), "attention": Opt(str),
+    "quantization": Opt(Nullable([str])), "cache_slots": Opt(Nullable(POSITIVE)),
+    "sizes": Opt([PAIR]), "default_size": Opt(PAIR),
+    "source": Opt({"checkpoint": Opt(Nullable(PATH_TEXT))}),
+    "tools": Opt(MapOf(object)), "created": Opt(str),
+}
+
+
 def read_manifest(engine_dir) -> dict:
+    """The manifest of an export directory, checked: its format, every field's type (one
+    line naming the field otherwise), and per graph one list of files, each with its size and
+    content hash, the loaded ``file`` among them, every name inside the directory."""
     d = Path(engine_dir)
     path = d / MANIFEST
     if not d.is_dir():
@@ -88,17 +130,24 @@ def read_manifest(engine_dir) -> dict:
     if not path.is_file():
         raise EngineError(f"{path} is missing: {d} is not a complete `bitdance-export` output "
                           "(re-run the export into it)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{path} is not valid JSON ({e}); re-run the export") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    fix = "re-run the export"
+    manifest = read_json(path, "manifest", error=EngineError, fix=fix)
+    if manifest.get("format") != FORMAT:
         raise EngineError(f"{path} is not a format-{FORMAT} bitdance-rt manifest (another "
                           "version of bitdance-export wrote it); re-run the export with this "
                           "version")
     missing = [k for k in ("config_hash", "graphs", "dtype") if k not in manifest]
     if missing:
         raise EngineError(f"{path} lacks {missing}; re-run the export")
+    check_schema(manifest, MANIFEST_SCHEMA, f"manifest {path}", error=EngineError, fix=fix)
+    for name, graph in manifest["graphs"].items():
+        if graph["file"] not in graph["files"]:
+            raise EngineError(f"manifest {path}: graph {name!r} loads {graph['file']!r}, which "
+                              f"is not one of its hashed files {sorted(graph['files'])}; {fix}")
+        unhashed = sorted(set(graph["files"]) ^ set(graph["sha256"]))
+        if unhashed:
+            raise EngineError(f"{path} records no content hash of {unhashed[0]} (or hashes a "
+                              f"file the graph does not list); {fix}")
     return manifest
 
 
@@ -136,7 +185,8 @@ def check_weights(manifest: dict, ckpt_dir, engine_dir) -> None:
 
 
 def check_files(manifest: dict, engine_dir, names=GRAPHS) -> None:
-    """Every graph file exists, has the size and the content (sha256) the export wrote."""
+    """Every file of the graphs ``names`` exists inside the directory and has the size and the
+    content (sha256) the export wrote."""
     d = Path(engine_dir)
     fix = f"re-run `bitdance-export` into {d}"
     hashes = {}
@@ -148,12 +198,23 @@ def check_files(manifest: dict, engine_dir, names=GRAPHS) -> None:
                 "of bitdance-export, whose graphs this version cannot run; re-export it with "
                 f"`bitdance-export --checkpoint CKPT --out {d}`")
         sha = graph.get("sha256", {})
+        if graph["file"] not in graph["files"]:
+            raise EngineError(f"{d / MANIFEST}: graph {name!r} loads {graph['file']!r}, which is "
+                              f"not one of its hashed files; {fix}")
         for f, size in graph["files"].items():
             if f not in sha:
                 raise EngineError(f"{d / MANIFEST} records no content hash of {f}; {fix}")
-            check_size(d / f, size, "graph file", fix)
+            check_size(inside(d, f, "graph file", error=EngineError, fix=fix), size,
+                       "graph file", fix)
             hashes[f] = sha[f]
     verify_hashes(d, hashes, "graph file", fix)
+
+
+def graph_file(manifest: dict, engine_dir, name: str) -> Path:
+    """The path of graph ``name``'s file, after every file of the graph was checked (inside
+    the directory, its size and content hash as written): the only way to a graph to load."""
+    check_files(manifest, engine_dir, (name,))
+    return Path(engine_dir) / manifest["graphs"][name]["file"]
 
 
 def check_size(path: Path, size: int, what: str, fix: str) -> None:
@@ -163,6 +224,51 @@ def check_size(path: Path, size: int, what: str, fix: str) -> None:
     if have != size:
         raise EngineError(f"{what} {path} is corrupt or truncated ({have} bytes, {size} were "
                           f"written); {fix}")
+
+
+def export_files(d, writes=frozenset()) -> set:
+    """The entries of an export directory that ``bitdance-export`` wrote there: its manifest,
+    the graph files it lists (of any format), the hash record, and, when the new output
+    writes ``engines/`` too (``--engines``), an ``engines/`` that holds only what ``build``
+    wrote. Everything else is the user's. A manifest that cannot be read owns nothing."""
+    from .errors import BitDanceError
+
+    d = Path(d)
+    try:
+        manifest = read_json(d / MANIFEST, "manifest", error=EngineError)
+    except BitDanceError:
+        return set()
+    names = {MANIFEST, VERIFIED}
+    graphs = manifest.get("graphs")
+    for graph in (graphs.values() if isinstance(graphs, dict) else ()):
+        if isinstance(graph, dict):
+            listed = [graph.get("file"), *(graph.get("files") or ())]
+            names |= {n for n in listed if is_plain_name(n) and "/" not in n}
+    sub = d / ENGINES_SUBDIR
+    if ENGINES_SUBDIR in writes and sub.is_dir() and not sub.is_symlink():
+        inner = {p.name for p in sub.iterdir()}
+        if inner <= engine_files(sub):
+            names.add(ENGINES_SUBDIR)
+    return names
+
+
+def engine_files(d, writes=frozenset()) -> set:
+    """The entries of an engine directory that ``bitdance-export build`` wrote: engines.json,
+    the engines it lists, the manifest copy and the hash record."""
+    from .errors import BitDanceError
+
+    d = Path(d)
+    try:
+        info = read_json(d / ENGINES, "engines.json", error=EngineError)
+    except BitDanceError:
+        return set()
+    names = {ENGINES, MANIFEST, VERIFIED}
+    engines = info.get("engines")
+    for entry in (engines.values() if isinstance(engines, dict) else ()):
+        f = entry.get("file") if isinstance(entry, dict) else None
+        if is_plain_name(f) and "/" not in f:
+            names.add(f)
+    return names
 
 
 # -- content hashes ----------------------------------------------------------------------------
@@ -182,12 +288,25 @@ def _stamp(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
-def _read_verified(d: Path) -> dict:
+def _read_verified(d: Path, record: Path | None = None) -> dict:
+    from .errors import BitDanceError
+
     try:
-        data = json.loads((d / VERIFIED).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        return read_json(record or d / VERIFIED, "hash record")
+    except BitDanceError:  # no record, or a damaged one: everything is hashed again
         return {}
+
+
+def _write_verified(d: Path, known: dict, record: Path | None = None) -> None:
+    path = record or d / VERIFIED
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def remember_hashes(d, hashes: dict) -> None:
@@ -199,24 +318,56 @@ def remember_hashes(d, hashes: dict) -> None:
     for f, sha in hashes.items():
         with contextlib.suppress(OSError):
             known[f] = _stamp(d / f) + [sha]
-    tmp = d / f"{VERIFIED}.{os.getpid()}.partial"
+    _write_verified(d, known)
+
+
+def verdict_record(d) -> Path:
+    """Where verdicts about the files of a directory that is not bitdance-rt's own (a
+    checkpoint) are recorded: in the user's cache, not in the directory."""
+    from .runtime.session import cache_dir
+
+    key = hashlib.sha256(str(Path(d).resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+    return cache_dir() / "verified" / f"{key[:24]}.json"
+
+
+def recall_verdict(d, kind: str, name: str, record: Path | None = None):
+    """What :func:`remember_verdict` recorded of file ``name`` of ``d`` under ``kind`` (for
+    example which weights of a safetensors file were found finite), or None when the file
+    changed since (its size, modification and change times or inode differ) or nothing was
+    recorded. ``record``: the record file (default: the directory's own hash record)."""
+    d = Path(d)
+    rec = _read_verified(d, record).get(f"{kind}:{name}")
     try:
-        tmp.write_text(json.dumps(known, indent=0))
-        os.replace(tmp, d / VERIFIED)
+        stamp = _stamp(d / name)
     except OSError:
+        return None
+    if isinstance(rec, list) and len(rec) == len(stamp) + 1 and rec[:len(stamp)] == stamp:
+        return rec[-1]
+    return None
+
+
+def remember_verdict(d, kind: str, verdicts: dict, record: Path | None = None) -> None:
+    """Record ``verdicts`` (file name -> a JSON value) about files of ``d`` as they are now,
+    under ``kind``; a file written since is judged again. A record that cannot be written is
+    simply not kept."""
+    d = Path(d)
+    known = _read_verified(d, record)
+    for name, value in verdicts.items():
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            known[f"{kind}:{name}"] = _stamp(d / name) + [value]
+    _write_verified(d, known, record)
 
 
 def verify_hashes(d, hashes: dict, what: str, fix: str) -> None:
-    """Each file of ``hashes`` (relative to ``d``) has that sha256; a file whose size,
-    modification and change times and inode are those recorded when it was last verified is
-    not read again. Raises EngineError naming the first file that differs and ``fix``."""
+    """Each file of ``hashes`` (names inside ``d``: :func:`~bitdance_rt.files.inside`) has that
+    sha256; a file whose size, modification and change times and inode are those recorded
+    when it was last verified is not read again. Raises EngineError naming the first file that
+    differs and ``fix``."""
     d = Path(d)
     known = _read_verified(d)
     fresh = {}
     for f, want in hashes.items():
-        path = d / f
+        path = inside(d, f, what, error=EngineError, fix=fix)
         if not path.is_file():
             raise EngineError(f"{what} {path} is missing; {fix}")
         rec = known.get(f)
@@ -253,20 +404,31 @@ def find_engine_dir(d) -> Path:
                       f"{d if (d / MANIFEST).is_file() else 'EXPORT_DIR'}`")
 
 
+_ENGINE_SCHEMA = {"file": PLAIN_NAME, "bytes": SIZE, "sha256": SHA256,
+                  "profile": Opt(MapOf(MapOf([int])))}
+ENGINES_SCHEMA = {
+    "format": int, "flavor": str, "version": str, "targets": [str],
+    "export": {"dir": PATH_TEXT, "manifest_sha256": SHA256,
+               "onnx_sha256": MapOf(SHA256, PLAIN_NAME)},
+    "engines": MapOf(_ENGINE_SCHEMA), "config_hash": Opt(str),
+    "weights_fingerprint": Opt(Nullable(str)), "dtype": Opt(str), "attention": Opt(str),
+    "cache_slots": Opt(Nullable(POSITIVE)), "head_prepare_steps": Opt(POSITIVE),
+    "tools": Opt(MapOf(object)), "created": Opt(str),
+}
+
+
 def read_engines(d) -> dict:
     path = Path(d) / ENGINES
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EngineError(f"{path} cannot be read ({e}); rebuild the engines with "
-                          "`bitdance-export build EXPORT_DIR`") from None
-    if not isinstance(info, dict) or info.get("format") != ENGINES_FORMAT:
+    fix = "rebuild the engines with `bitdance-export build EXPORT_DIR`"
+    info = read_json(path, "engines.json", error=EngineError, fix=fix)
+    if info.get("format") != ENGINES_FORMAT:
         raise EngineError(f"{path} is not a format-{ENGINES_FORMAT} engines.json (another "
                           "version of bitdance-export wrote it); rebuild the engines with "
                           "`bitdance-export build EXPORT_DIR`")
     missing = [k for k in ("flavor", "version", "targets", "export", "engines") if k not in info]
     if missing:
         raise EngineError(f"{path} lacks {missing}; rebuild the engines")
+    check_schema(info, ENGINES_SCHEMA, f"engines.json {path}", error=EngineError, fix=fix)
     return info
 
 
@@ -278,8 +440,9 @@ def export_dir_of(info: dict, engine_dir) -> Path:
 
 def check_engines(info: dict, engine_dir) -> None:
     """The engine directory is what ``build`` wrote: its copy of the export's manifest and
-    every engine file have the recorded sha256; and when the export it was built from is
-    still there, that export has not changed since (re-exported, or a graph file damaged)."""
+    every engine file (names inside the directory) have the recorded sha256; and when the
+    export it was built from is still there, that export has not changed since (re-exported,
+    or a graph file damaged)."""
     d = Path(engine_dir)
     export = export_dir_of(info, d)
     rebuild = f"rebuild them with `bitdance-export build {export}`"
@@ -290,7 +453,8 @@ def check_engines(info: dict, engine_dir) -> None:
         entry = info["engines"].get(name)
         if entry is None:
             raise EngineError(f"{d / ENGINES} lists no {name!r} engine; {rebuild}")
-        check_size(d / entry["file"], entry["bytes"], "engine file", rebuild)
+        path = inside(d, entry["file"], "engine file", error=EngineError, fix=rebuild)
+        check_size(path, entry["bytes"], "engine file", rebuild)
         hashes[entry["file"]] = entry["sha256"]
     verify_hashes(d, hashes, "engine file", rebuild)
     if (export / MANIFEST).is_file():
@@ -299,6 +463,20 @@ def check_engines(info: dict, engine_dir) -> None:
                               f"{export} (it was exported again since); {rebuild}")
         verify_hashes(export, info["export"]["onnx_sha256"], "graph file",
                       f"re-run `bitdance-export` into {export}, then rebuild the engines")
+
+
+def engine_file(info: dict, engine_dir, name: str) -> Path:
+    """The path of engine ``name``, after its file was checked (inside the directory, its size
+    and content hash as ``build`` wrote them): the only way to an engine to load."""
+    d = Path(engine_dir)
+    rebuild = f"rebuild them with `bitdance-export build {export_dir_of(info, d)}`"
+    entry = info["engines"].get(name)
+    if entry is None:
+        raise EngineError(f"{d / ENGINES} lists no {name!r} engine; {rebuild}")
+    path = inside(d, entry["file"], "engine file", error=EngineError, fix=rebuild)
+    check_size(path, entry["bytes"], "engine file", rebuild)
+    verify_hashes(d, {entry["file"]: entry["sha256"]}, "engine file", rebuild)
+    return path
 
 
 def ort_session_options(manifest: dict, cpu: bool):

@@ -250,15 +250,23 @@ def memory_budget(spec, recipe: str | None = None, height: int | None = None,
     from .models.kv_cache import StaticKVCache
     from .runtime.buffers import modulation_bytes
 
-    # the same checks and defaults as a request to generate
-    from .request import GenerationRequest
+    # the same checks and defaults as a request to generate (GenerationRequest.validate), and
+    # the prompt and image within the model's positions (check_context), as generate checks
+    from .request import GenerationRequest, ImagePlan, check_context
 
     r = GenerationRequest("memory plan", height, width, steps, guidance,
                           num_images=images).resolved(spec)
     h, w = r.validate(spec)
     height, width, steps, guidance = r.height, r.width, r.steps, r.guidance
-    if prompt_tokens < 4:
+    if not isinstance(prompt_tokens, int) or prompt_tokens < 4:
         raise BitDanceError(f"--prompt-tokens must be at least 4, got {prompt_tokens}")
+    limit = spec.llm.max_position_embeddings
+    if prompt_tokens > limit:
+        raise BitDanceError(f"--prompt-tokens {prompt_tokens} is more than this model's {limit} "
+                            "positions; lower it")
+    row = (0,) * prompt_tokens  # a sequence of --prompt-tokens (its KV slots: max_len below)
+    check_context(ImagePlan(h, w, (row,) * images, row if r.cfg else None, steps,
+                            float(guidance), (r,)), spec)
     rows = images * (2 if guidance > 1 else 1)
     model = meta_model(spec, recipe, dtype)
     llm, net = model.llm.model, model.head.net

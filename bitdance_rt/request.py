@@ -43,6 +43,20 @@ def unknown_words(spec: ModelSpec, prompt: str) -> list[str]:
     return sorted({w for w in re.findall(r"[a-z]+", prompt.lower())} - known)
 
 
+def check_text(prompt: str) -> None:
+    """Refuse a prompt that is not text the tokenizer can take: characters that no UTF-8 text
+    holds (lone surrogates, which is what bytes that are not UTF-8 become on a command line)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start]
+        raise RequestError(
+            f"the prompt holds U+{ord(bad):04X} at character {e.start}, which is not text "
+            + ("(a byte that is not UTF-8, as passed on the command line)" if 0xDC80 <= ord(bad)
+               <= 0xDCFF else "(a lone surrogate)")
+            + "; give the prompt as UTF-8 text") from None
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt, ``num_images`` images. ``None`` settings take the model's defaults
@@ -76,6 +90,7 @@ class GenerationRequest:
         r = self if self.is_resolved else self.resolved(spec)
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise RequestError("the prompt is empty; describe the image to draw")
+        check_text(r.prompt)
         if not (isinstance(r.num_images, int) and 1 <= r.num_images <= MAX_IMAGES):
             raise RequestError(f"the number of images must be between 1 and {MAX_IMAGES}, got "
                                f"{r.num_images!r}")
@@ -215,6 +230,23 @@ def _unconditional_ids(tok, h: int, w: int, p: int) -> tuple:
     if (h, w, p) not in cache:
         cache[(h, w, p)] = sequence_ids(tok, UNCONDITIONAL_TEXT, h, w, p)
     return cache[(h, w, p)]
+
+
+def shortest_context(spec: ModelSpec, tokenizer=None, sizes=None) -> int:
+    """The KV slots per sequence (:meth:`ImagePlan.max_len`) that the largest of ``sizes``
+    (default: every size the model declares) needs with the shortest prompt (one character,
+    with guidance): the least ``--max-seq`` an export of the model can have. Without a
+    tokenizer the prompt's chat template is not counted (a lower bound)."""
+    p = spec.parallel_num
+    h, w = max((check_size(hh, ww, spec.info.sizes) for hh, ww in (sizes or spec.info.sizes)),
+               key=lambda hw: hw[0] * hw[1])
+    if tokenizer is None:
+        cond, uncond = (0,) * (3 + p), None
+    else:
+        cond = sequence_ids(tokenizer, conditional_text("x"), h, w, p)
+        uncond = _unconditional_ids(tokenizer, h, w, p)
+    plan = ImagePlan(h=h, w=w, cond_ids=(cond,), uncond_ids=uncond, steps=1, guidance=2.0)
+    return plan.max_len(p)
 
 
 def check_context(plan: ImagePlan, spec: ModelSpec) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import CheckpointError, UnsupportedSizeError
@@ -54,12 +55,26 @@ class ModelInfo:
 
     @classmethod
     def from_json_dict(cls, d: dict, where) -> "ModelInfo":
+        from .files import Check, Nullable, Opt, check_schema
+
+        side = Check(int, lambda v: 1 <= v <= 2**20, "a size in pixels from 1 to 2^20")
+        schema = {
+            "name": Opt(Nullable(str)), "description": Opt(Nullable(str)),
+            "sizes": Opt(Check([[side]], lambda v: v and all(len(s) == 2 for s in v),
+                               "a non-empty array of [height, width] pairs")),
+            "defaults": Opt({"height": Opt(side), "width": Opt(side), "steps": Opt(int),
+                             "guidance": Opt(float)}),
+            "vocabulary": Opt([str]),
+        }
+        check_schema(d, schema, str(where), error=CheckpointError,
+                     fix="it needs 'sizes' as [[height, width], ...] and 'defaults' with "
+                     "height, width, steps, guidance")
         try:
             sizes = tuple((int(h), int(w)) for h, w in d.get("sizes", RELEASED_SIZES))
             defaults = Defaults(**d.get("defaults", {}))
             return cls(name=d.get("name"), sizes=sizes, defaults=defaults,
                        vocabulary=tuple(d.get("vocabulary", ())),
-                       description=str(d.get("description", "")))
+                       description=str(d.get("description") or ""))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{where} is malformed ({e}); it needs 'sizes' as [[height, "
                                   "width], ...] and 'defaults' with height, width, steps, "
@@ -153,6 +168,10 @@ def check_field_types(cfg, where: str) -> None:
             raise ValueError(f"{where}: {f.name} must be of type {f.type}, got {value!r}")
         if str(f.type) == "int" and value < 0:
             raise ValueError(f"{where}: {f.name} must not be negative, got {value!r}")
+        if str(f.type) == "int" and value > 2**31 - 1:
+            raise ValueError(f"{where}: {f.name} must be below 2^31, got {value!r}")
+        if str(f.type) == "float" and not math.isfinite(value):
+            raise ValueError(f"{where}: {f.name} must be a finite number, got {value!r}")
 
 
 def check_size(height: int, width: int, sizes=RELEASED_SIZES) -> tuple[int, int]:

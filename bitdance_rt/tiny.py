@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import BitDanceError
 from .files import check_writable_dir, staged_directory
+from .limits import MAX_SEED
 from .spec import TINY_VOCAB, ModelSpec, preset_mid, preset_tiny
 
 SPECIAL_TOKENS = (
@@ -112,6 +113,8 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
             f"--parallel-num must be one of {list(SUPPORTED_PARALLEL)}, got {parallel_num}")
     if size not in SIZES:
         raise BitDanceError(f"--size must be one of {list(SIZES)}, got {size!r}")
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise BitDanceError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise BitDanceError(f"{out} is a file; make-tiny writes a checkpoint directory: choose "
@@ -123,7 +126,8 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
         check_writable_dir(out.parent)
     except BitDanceError as e:
         raise BitDanceError(f"cannot write {out}: {e}; choose another place") from None
-    with staged_directory(out) as stage:
+    replace = (lambda old, writes: {p.name for p in old.iterdir()}) if overwrite else None
+    with staged_directory(out, replace, "checkpoint") as stage:
         _write_tiny(stage, parallel_num, seed, gan_decoder, size)
     return out
 

@@ -1,6 +1,9 @@
 import json
 import os
 
+# bitdance_rt sets the OpenMP and oneMKL settings it relies on when imported (OMP_WAIT_POLICY
+# must be in place before torch starts its OpenMP runtime): import it before torch.
+import bitdance_rt  # noqa: F401  isort: skip
 import pytest
 import torch
 

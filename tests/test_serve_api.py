@@ -66,11 +66,10 @@ def test_bad_input_gets_4xx_and_the_clis_message(client, session):
         ({"prompt": "x", "seeds": 3}, 422, "unknown field 'seeds'"),
         ({"prompt": "", **FAST}, 400, library_message(session, prompt="", **lib)),
         ({"prompt": "   ", **FAST}, 400, library_message(session, prompt="   ", **lib)),
-        ({"prompt": "x", **FAST, "n": 0}, 400,
-         library_message(session, prompt="x", num_images=0, **lib)),
-        ({"prompt": "x", **FAST, "n": 65}, 400,
-         library_message(session, prompt="x", num_images=65, **lib)),
-        ({"prompt": "x", **FAST, "n": 5}, 400, "n must be at most 4 on this server"),
+        # n: the server's own limit (--max-batch 4 here), not the library's
+        ({"prompt": "x", **FAST, "n": 0}, 400, "n must be from 1 to 4 on this server"),
+        ({"prompt": "x", **FAST, "n": 65}, 400, "n must be from 1 to 4 on this server"),
+        ({"prompt": "x", **FAST, "n": 5}, 400, "n must be from 1 to 4 on this server"),
         ({"prompt": "x", **FAST, "steps": 0}, 400,
          library_message(session, prompt="x", steps=0, **lib)),
         ({"prompt": "x", **FAST, "guidance": 0.5}, 400,
@@ -106,8 +105,9 @@ def test_json_and_streamed_answers_carry_the_same_png_with_the_clis_metadata(cli
     image = Image.open(io.BytesIO(png))
     assert image.size == (896, 256)
     req = GenerationRequest("a red fox", 256, 896, steps=1, guidance=3.0, seed=5)
-    assert image.text == {k: str(v) for k, v in {**session.metadata(req),
-                                                 "image_index": 0}.items()}
+    # the CLI's metadata, but the checkpoint by its name: an answer holds no server path
+    assert image.text == {k: str(v) for k, v in {**session.metadata(req), "image_index": 0,
+                                                 "checkpoint": session.checkpoint.name}.items()}
     alone = session.generate(req)[0][0].numpy()
     assert np.array_equal(alone, np.asarray(image))
 

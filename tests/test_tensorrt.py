@@ -41,6 +41,20 @@ needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"needs TensorRT or TensorRT-R
 MAX_SEQ = 1152  # P = 4 at 512x512 (1024 tokens) with a short prompt
 
 
+def fitting_ckpt(ckpt, dst, max_seq=MAX_SEQ):
+    """A copy of ``ckpt`` (the same weights and shapes) that declares only the sizes whose
+    tokens and a short prompt fit ``max_seq`` KV slots: the exporter refuses a --max-seq below
+    the largest declared size's need."""
+    from bitdance_rt.request import shortest_context
+
+    shutil.copytree(ckpt, dst)
+    model = load_checkpoint(dst, weights=False)
+    sizes = [list(s) for s in model.spec.info.sizes
+             if shortest_context(model.spec, model.tokenizer, [s]) + 64 <= max_seq]
+    (dst / "bitdance_rt.json").write_text(json.dumps({"sizes": sizes}))
+    return dst
+
+
 def identical_fraction(a, b):
     return (a == b).all(-1).float().mean().item()
 
@@ -120,8 +134,8 @@ def native4(tiny_ckpt, tmp_path_factory):
     if not TRT_OK:
         pytest.skip(f"needs TensorRT or TensorRT-RTX: {TRT_WHY}")
     out = tmp_path_factory.mktemp("native4") / "export"
-    r = run(export_app, "--checkpoint", tiny_ckpt, "--out", out, "--engines",
-            "--max-seq", MAX_SEQ)
+    ckpt = fitting_ckpt(tiny_ckpt, out.parent / "ckpt")
+    r = run(export_app, "--checkpoint", ckpt, "--out", out, "--engines", "--max-seq", MAX_SEQ)
     assert r.exit_code == 0, r.output
     for name in GRAPHS:
         assert f"] {name}: {name}.onnx" in r.output and f"] {name}: {name}.engine" in r.output
@@ -136,7 +150,8 @@ def native4_graphs(tiny_ckpt, tmp_path_factory, request):
     if TRT_OK:
         return request.getfixturevalue("native4")
     out = tmp_path_factory.mktemp("native4_graphs") / "export"
-    r = run(export_app, "--checkpoint", tiny_ckpt, "--out", out, "--attention", "native",
+    ckpt = fitting_ckpt(tiny_ckpt, out.parent / "ckpt")
+    r = run(export_app, "--checkpoint", ckpt, "--out", out, "--attention", "native",
             "--max-seq", MAX_SEQ)
     assert r.exit_code == 0, r.output
     return out
@@ -178,7 +193,10 @@ def test_engines_json_records_what_was_built(native4):
                                  "max": [8, 2, MAX_SEQ, 32]}
     assert prof["tokens"]["max"] == [4, 4, 32]
     dec = info["engines"]["decoder"]["profile"]["latent"]
-    assert dec == {"min": [1, 32, 16, 16], "opt": [1, 32, 64, 64], "max": [4, 32, 128, 128]}
+    hs, ws = [h // 16 for h, _ in m["sizes"]], [w // 16 for _, w in m["sizes"]]
+    assert dec == {"min": [1, 32, min(hs), min(ws)], "opt": [1, 32, 64, 64],
+                   "max": [4, 32, max(hs), max(ws)]}
+    assert max(hs) == max(ws) == 64  # 1024x256 and 256x1024: 1024 tokens
     assert info["engines"]["head_prepare"]["profile"]["times"]["max"] == [51]
     assert info["engines"]["prefill"]["profile"]["input_ids"]["max"] == [8, MAX_SEQ - 4]
 
@@ -427,7 +445,7 @@ def test_engines_build_for_every_form(p, attention, dtype, tiny_ckpt, tiny16_ckp
     from bitdance_rt.export.build import build_engines
 
     lines = []
-    ckpt = tiny_ckpt if p == 4 else tiny16_ckpt
+    ckpt = fitting_ckpt(tiny_ckpt if p == 4 else tiny16_ckpt, tmp_path / "ckpt", 1280)
     export_checkpoint(ckpt, tmp_path / "e", dtype=dtype, attention=attention, max_seq=1280,
                       progress=lines.append)
     info = build_engines(tmp_path / "e", progress=lines.append)
@@ -470,7 +488,8 @@ def test_native_p4_512x512_guided_matches_torch(native4_graphs, tiny_ckpt, tmp_p
 def test_native_p16_256x1024_unguided_matches_torch(tiny16_ckpt, tmp_path, seed):
     from bitdance_rt.export import export_checkpoint
 
-    export_checkpoint(tiny16_ckpt, tmp_path / "e16", attention="native", max_seq=1280)
+    ckpt = fitting_ckpt(tiny16_ckpt, tmp_path / "ckpt", 1280)
+    export_checkpoint(ckpt, tmp_path / "e16", attention="native", max_seq=1280)
     r = run(export_app, "check", tmp_path / "e16", "--seed", "0")
     assert r.exit_code == 0, f"seed 0: {r.output}"
     req = GenerationRequest("a lighthouse at dusk", 256, 1024, steps=10, guidance=1.0, seed=seed)

@@ -187,6 +187,9 @@ PROMPTS = (
 )
 
 
+MAX_PROMPTS_BYTES = 64 << 20
+
+
 def load_prompts(path=None, samples: int | None = None) -> list[str]:
     """The shipped set, or one prompt per line of ``path``; ``samples`` of them, evenly spaced."""
     if path is None:
@@ -195,6 +198,10 @@ def load_prompts(path=None, samples: int | None = None) -> list[str]:
         p = Path(path)
         if not p.is_file():
             raise BitDanceError(f"prompt file {p} does not exist; give one prompt per line")
+        if p.stat().st_size > MAX_PROMPTS_BYTES:
+            raise BitDanceError(f"prompt file {p} is {p.stat().st_size} bytes long, more than "
+                                f"the {MAX_PROMPTS_BYTES} a prompt file can be; give a shorter "
+                                "one (one prompt per line)")
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:

@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import BitDanceError
-from ..files import check_writable_dir, staged_directory
+from ..errors import BitDanceError, CheckpointError
+from ..files import check_output_dir, is_plain_name, read_json, staged_directory
 from ..models.quant import FORMATS, LAYOUT_FILE, LAYOUT_FORMAT, read_layout, quantize_codes
 from .recipes import HEAD, LLM, Recipe, get_recipe, quantized_names
 from .stats import Calibration
@@ -84,23 +84,26 @@ def _module_entry(recipe: Recipe) -> dict:
 
 def _convert_file(src: Path, dst: Path, names: set, recipe: Recipe, calib, component: str,
                   float_dtype) -> dict:
-    """Write ``dst`` from ``src``: the weights of ``names`` quantized, the rest copied;
-    returns key -> file name of what was written."""
-    from safetensors import safe_open
+    """Write ``dst`` from ``src``: the weights of ``names`` quantized, the rest copied (every
+    tensor checked for NaN and infinity first); returns key -> file name of what was written."""
     from safetensors.torch import save_file
 
+    from ..checkpoint import check_finite, open_safetensors
+
     tensors = {}
-    with safe_open(src, framework="pt") as f:
+    with open_safetensors(src) as f:
         keys = list(f.keys())
         for k in keys:
             name, _, leaf = k.rpartition(".")
+            tensor = f.get_tensor(k)
+            check_finite(tensor, k, src)
             if name in names and leaf == "weight":
                 stats = calib.layer(component, name) if recipe.needs_calibration else None
-                for key, t in quantize_linear(f.get_tensor(k), recipe, stats).items():
+                for key, t in quantize_linear(tensor, recipe, stats).items():
                     keep = t.dtype in (torch.int8, torch.float8_e4m3fn)
                     tensors[f"{name}.{key}"] = (t if keep else t.to(float_dtype)).contiguous()
             else:
-                tensors[k] = f.get_tensor(k).contiguous()
+                tensors[k] = tensor.contiguous()
     save_file(tensors, str(dst), metadata={"format": "pt"})
     return {k: dst.name for k in tensors}
 
@@ -130,7 +133,7 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
         raise BitDanceError(f"recipe {recipe.name} quantizes activations with calibrated "
                             "scales: pass --calibration FILE (from `bitdance-export "
                             f"calibrate --checkpoint {src} --out FILE`)")
-    check_writable_dir(out.parent if out.parent != Path("") else Path("."))
+    check_output_dir(out, "quantized checkpoint", LAYOUT_FILE, quantized_files)
     say = progress or (lambda line: None)
     with torch.device("meta"):
         names = {LLM: set(quantized_names(LLM, Qwen3ForCausalLM(spec.llm))),
@@ -138,7 +141,7 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
     llm_files = sorted(set(_llm_files(src).values()))
     float_dtype = torch.bfloat16  # the released dtype of every float tensor
     t0 = time.perf_counter()
-    with staged_directory(out) as stage:
+    with staged_directory(out, quantized_files, "quantized checkpoint") as stage:
         weight_map = {}
         for f in llm_files:
             weight_map.update(_convert_file(f, stage / f.name, names[LLM], recipe, calib, LLM,
@@ -146,7 +149,7 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
             say(f"{f.name}: quantized")
         index = src / "model.safetensors.index.json"
         if index.is_file():
-            data = json.loads(index.read_text())
+            data = read_json(index, "", error=CheckpointError, fix="download it again")
             data["weight_map"] = dict(sorted(weight_map.items()))
             data.setdefault("metadata", {})["total_size"] = sum(
                 (stage / f).stat().st_size for f in set(weight_map.values()))
@@ -163,23 +166,44 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
             "source": {"path": str(src.resolve()), "weights_fingerprint":
                        weights_fingerprint(src), "config_hash": spec.config_hash()},
             "calibration": None if calib is None else {
-                k: calib.meta.get(k) for k in ("prompts_sha256", "samples", "steps", "height",
-                                               "width", "guidance", "seed", "created")},
+                **{k: calib.meta.get(k) for k in ("prompts_sha256", "samples", "steps",
+                                                  "height", "width", "guidance", "seed",
+                                                  "created")},
+                "sha256": calib.sha256},  # the file's content hash, verified when it was read
             "modules": {comp: {n: _module_entry(recipe) for n in sorted(ns)}
                         for comp, ns in names.items()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        # every file written, so that replacing this output later keeps anything else
+        layout["files"] = sorted({p.name for p in stage.iterdir()} | {LAYOUT_FILE})
         (stage / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
     say(f"wrote {out} ({recipe.name}) in {time.perf_counter() - t0:.1f}s")
     return layout
 
 
+def quantized_files(d: Path, writes=frozenset()) -> set:
+    """The entries of a quantized checkpoint that ``quantize`` wrote (its layout lists them;
+    one written before the list was kept: every visible file). A layout that cannot be read
+    owns nothing."""
+    from ..files import read_json as read
+
+    try:
+        layout = read(Path(d) / LAYOUT_FILE, error=BitDanceError)
+    except BitDanceError:
+        return set()
+    files = layout.get("files")
+    if isinstance(files, list):
+        return {LAYOUT_FILE} | {f for f in files if is_plain_name(f) and "/" not in f}
+    return {p.name for p in Path(d).iterdir() if p.is_file() and not p.is_symlink()
+            and not p.name.startswith(".")}
+
+
 def _file_float_dtype(path: Path, default):
     """The float dtype a file stores its weights in (scales are written in the same dtype;
     the released files are bfloat16, make-tiny's float32)."""
-    from safetensors import safe_open
+    from ..checkpoint import open_safetensors
 
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         for k in f.keys():
             t = f.get_slice(k).get_dtype()
             return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(

@@ -9,13 +9,18 @@ hooks run): the prompt pass, every image block, both guidance branches, every he
 
 A calibration file is one safetensors file: per layer ``<component>/<name>.amax`` (0-d) and
 ``<component>/<name>.channel_max`` ``[K]`` (float32), and in its metadata the checkpoint's
-weights fingerprint and config hash, the prompts' hash and the settings. A file is refused for
-another checkpoint (:meth:`Calibration.check_checkpoint`).
+weights fingerprint and config hash, the prompts' hash, the settings and a sha256 of all of it
+(:func:`content_sha256`: every statistic and the metadata), which a reader recomputes: a file
+with a flipped bit is refused, and so are statistics that are not finite numbers (NaN or
+infinity: an overflow in the calibration run). A file is refused for another checkpoint
+(:meth:`Calibration.check_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +34,39 @@ from ..files import atomic_path
 from .prompts import prompts_hash
 from .recipes import HEAD, LLM
 
-FORMAT = 1
+FORMAT = 2  # 2: the content hash (SHA_KEY), finite statistics only
 META_KEY = "bitdance_calibration"
+SHA_KEY = "bitdance_calibration_sha256"
+
+
+def content_sha256(meta: dict, amax: dict, channel_max: dict) -> str:
+    """A sha256 of a calibration: its metadata and every layer's statistics (names, shapes,
+    float32 bytes), in key order."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for key in sorted(set(amax) | set(channel_max)):
+        a = float(amax[key]) if key in amax else None
+        ch = channel_max.get(key, torch.empty(0)).float().contiguous()
+        h.update(f"\n{key}:{a!r}:{list(ch.shape)}\n".encode("utf-8", "surrogateescape"))
+        h.update(ch.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_statistics(amax: dict, channel_max: dict, where) -> None:
+    """Refuse statistics that are not finite (NaN or infinity: the calibration run overflowed
+    or the weights hold such values): one line naming the first layer."""
+    for key in sorted(set(amax) | set(channel_max)):
+        ch = channel_max.get(key)
+        if ch is None or key not in amax:
+            raise BitDanceError(f"{where} has only half the statistics of {key}; run "
+                                "`bitdance-export calibrate` again")
+        a = float(amax[key])
+        bad = int(ch.numel() - torch.isfinite(ch.float()).sum())
+        if not math.isfinite(a) or bad:
+            raise BitDanceError(
+                f"{where}: the input statistics of {key} are not finite numbers (amax {a}, "
+                f"{bad} of {ch.numel()} channel maxima NaN or infinite): the calibration "
+                "overflowed; calibrate in float32 (--dtype float32) or check the checkpoint's "
+                "weights")
 
 
 @dataclass
@@ -38,6 +74,7 @@ class Calibration:
     meta: dict
     amax: dict = field(default_factory=dict)         # "component/name" -> float
     channel_max: dict = field(default_factory=dict)  # "component/name" -> [K] float32
+    sha256: str | None = None                        # content_sha256, once saved or loaded
 
     def layer(self, component: str, name: str) -> tuple[float, torch.Tensor]:
         key = f"{component}/{name}"
@@ -62,39 +99,52 @@ class Calibration:
         from safetensors.torch import save_file
 
         path = Path(path)
+        check_statistics(self.amax, self.channel_max, "the calibration run")
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for key, value in self.amax.items():
             tensors[f"{key}.amax"] = torch.tensor(float(value), dtype=torch.float32)
             tensors[f"{key}.channel_max"] = self.channel_max[key].float().contiguous()
+        amax = {k: float(tensors[f"{k}.amax"]) for k in self.amax}
+        self.sha256 = content_sha256(self.meta, amax, self.channel_max)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.meta)})
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.meta),
+                                                   SHA_KEY: self.sha256})
         return path
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        from safetensors import safe_open
+        from ..checkpoint import open_safetensors
+        from ..files import parse_json
 
         path = Path(path)
+        again = "run `bitdance-export calibrate` again"
         if not path.is_file():
             raise BitDanceError(f"calibration file {path} does not exist; write one with "
                                 "`bitdance-export calibrate --checkpoint DIR --out FILE`")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors' and json's own error types
-            raise BitDanceError(f"{path} cannot be read as a calibration file ({e}); run "
-                                "`bitdance-export calibrate` again") from None
+        with open_safetensors(path, "a calibration file", again) as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = parse_json(metadata.get(META_KEY, "null"), f"the metadata of {path}", fix=again)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise BitDanceError(f"{path} is not a format-{FORMAT} bitdance-rt calibration file; "
-                                "run `bitdance-export calibrate` again")
+                                f"{again}")
         calib = cls(meta)
         for k, t in tensors.items():
-            if k.endswith(".amax"):
+            if k.endswith(".amax") and t.dim() == 0:
                 calib.amax[k[:-5]] = float(t)
-            elif k.endswith(".channel_max"):
-                calib.channel_max[k[:-12]] = t
+            elif k.endswith(".channel_max") and t.dim() == 1 and t.is_floating_point():
+                calib.channel_max[k[:-12]] = t.float()
+            else:
+                raise BitDanceError(f"{path} holds {k!r} (shape {list(t.shape)}), which no "
+                                    f"calibration file has; {again}")
+        have = content_sha256(meta, calib.amax, calib.channel_max)
+        if have != metadata.get(SHA_KEY):
+            raise BitDanceError(f"{path} has changed since it was written (its statistics' "
+                                f"sha256 is {have[:16]}..., the file records "
+                                f"{str(metadata.get(SHA_KEY))[:16]}...); {again}")
+        calib.sha256 = have
+        check_statistics(calib.amax, calib.channel_max, path)
         return calib
 
 
@@ -173,6 +223,26 @@ def collect(model, ckpt_dir, prompts: list[str], steps: int | None = None,
     return Calibration(meta, recorder.amax, recorder.channel_max)
 
 
+def check_calibration_out(out: Path) -> None:
+    """``--out`` is a new file or an earlier calibration file (which is replaced): never a
+    directory, nor another file of the user's."""
+    from ..checkpoint import open_safetensors
+    from ..errors import CheckpointError
+
+    if out.is_dir():
+        raise BitDanceError(f"--out {out} is a directory; name the calibration file to write")
+    if out.exists() or out.is_symlink():
+        try:
+            with open_safetensors(out) as f:
+                ours = META_KEY in (f.metadata() or {})
+        except CheckpointError:
+            ours = False
+        if not ours:
+            raise BitDanceError(f"--out {out} exists and is not a calibration file; "
+                                "bitdance-export replaces only its own outputs: name a new "
+                                "file")
+
+
 def calibrate_checkpoint(ckpt_dir, out, prompts: list[str], steps=None, height=None, width=None,
                          guidance=None, seed: int = 0, device=None, dtype=None,
                          on_step=None) -> Calibration:
@@ -182,6 +252,7 @@ def calibrate_checkpoint(ckpt_dir, out, prompts: list[str], steps=None, height=N
     from ..files import check_writable_dir
     from ..runtime.session import resolve_device, resolve_dtype
 
+    check_calibration_out(Path(out))
     check_writable_dir(Path(out).parent)
     dev = resolve_device(device)
     model = load_checkpoint(ckpt_dir, dtype=resolve_dtype(dtype, dev), device=dev)

@@ -3,8 +3,10 @@ each command module of this package adds its commands to them.
 
 Thin typer layers over the library: they parse, call :mod:`bitdance_rt.runtime` and
 :mod:`bitdance_rt.export`, and print. Every error a user can cause is one line on stderr and
-exit status 2; Ctrl-C is one line and 130; a traceback only with ``--debug`` (anywhere on the
-command line) or ``BITDANCE_DEBUG=1``.
+exit status 2 (a :class:`~bitdance_rt.errors.BitDanceError`, which the library raises for
+everything it reads from the user, or a read or write the system refused); Ctrl-C is one line
+and 130; any other exception is a bug in bitdance-rt: one line saying so and exit 1; a
+traceback only with ``--debug`` (anywhere on the command line) or ``BITDANCE_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,19 @@ _EXIT = tuple({click.exceptions.Exit, typer.Exit})
 _ABORT = tuple({KeyboardInterrupt, click.exceptions.Abort, typer.Abort})
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (a value quoted from a user's file may hold newlines)."""
+    return " ".join(str(e).split())
+
+
+def internal_error(e: BaseException):
+    """Say that ``e`` is a bug in one line, and exit 1."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    typer.echo(f"internal error: {type(e).__name__}: {first[:300]} (a bug in "
+               "bitdance-rt; rerun with --debug for the traceback)", err=True)
+    sys.exit(1)
+
+
 class Commands(TyperGroup):
     """The CLI's error policy (see the module docstring), wrapped around every command."""
 
@@ -45,7 +60,22 @@ class Commands(TyperGroup):
         except BitDanceError as e:
             if DEBUG["on"]:
                 raise
-            typer.echo(f"error: {e}", err=True)
+            typer.echo(f"error: {one_line(e)}", err=True)
+            sys.exit(2)
+        except OSError as e:  # the system refused a read or write: the user's files or disk
+            if DEBUG["on"]:
+                raise
+            if e.errno is None:
+                internal_error(e)
+            where = f" ({e.filename})" if e.filename else ""
+            typer.echo(f"error: {e.strerror or one_line(e)}{where}; check the path, its "
+                       "permissions and the free space", err=True)
+            sys.exit(2)
+        except MemoryError:  # torch.OutOfMemoryError is a RuntimeError, said by the backends
+            if DEBUG["on"]:
+                raise
+            typer.echo("error: out of memory; ask for fewer or smaller images, or free memory",
+                       err=True)
             sys.exit(2)
         except _ABORT:
             typer.echo("interrupted", err=True)
@@ -58,10 +88,7 @@ class Commands(TyperGroup):
         except Exception as e:  # a bug: one line unless --debug
             if DEBUG["on"]:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0]
-            typer.echo(f"internal error: {type(e).__name__}: {first[:300]} (a bug in "
-                       "bitdance-rt; rerun with --debug for the traceback)", err=True)
-            sys.exit(1)
+            internal_error(e)
         sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -167,8 +167,15 @@ def check_cmd(
 
 @export_app.command("make-tiny")
 def make_tiny_cmd(
-    out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint into."),
-    parallel_num: int = typer.Option(4, "--parallel-num", help="Tokens per AR step: 4, 16, 64."),
+    out_dir: Optional[Path] = typer.Argument(None, help="Directory to write the checkpoint "
+                                             "into (or --out)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="The same as OUT_DIR."),
+    family: str = typer.Option("t2i", "--family", help="t2i (text-to-image, the released "
+                               "layout) or imagenet (class-conditional: the authors' .pt "
+                               "files in pt/, and the converted directory)."),
+    parallel_num: Optional[int] = typer.Option(None, "--parallel-num", help="Tokens per AR "
+                                               "step: 4 (default), 16, 64; imagenet: 1 "
+                                               "(default), 4, 16."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     gan_decoder: bool = typer.Option(False, "--gan-decoder", help="Use the gan-decoder variant."),
     size: str = typer.Option("tiny", "--size", help="tiny (15 MB, for tests) or mid (the CPU "
@@ -176,11 +183,78 @@ def make_tiny_cmd(
     debug: bool = DEBUG_OPTION,
 ):
     """Write a small random-weight checkpoint in exactly the released layout (float32)."""
+    out_dir = _tiny_out(out_dir, out)
+    if family != "t2i":
+        return _make_tiny_imagenet(out_dir, family, parallel_num, seed, gan_decoder, size)
     from ..tiny import make_tiny
 
+    parallel_num = 4 if parallel_num is None else parallel_num
     path = make_tiny(out_dir, parallel_num=parallel_num, seed=seed, gan_decoder=gan_decoder,
                      size=size)
     nbytes = sum(f.stat().st_size for f in path.iterdir())
     typer.echo(f"wrote {path} ({nbytes / 1e6:.1f} MB, {size}, P = {parallel_num})")
 
 
+# -- the class-conditional ImageNet family ------------------------------------------------------
+
+
+def _tiny_out(out_dir: Optional[Path], out: Optional[Path]) -> Path:
+    if out_dir is not None and out is not None and out_dir != out:
+        raise BitDanceError(f"make-tiny got two directories ({out_dir} and --out {out}); "
+                            "give one")
+    if out_dir is None and out is None:
+        import click
+
+        raise click.UsageError("Missing argument 'OUT_DIR' (or --out DIR).")
+    return out_dir or out
+
+
+def _make_tiny_imagenet(out_dir: Path, family: str, parallel_num, seed, gan_decoder, size):
+    from ..imagenet.tiny import make_tiny
+    from ..limits import MAX_SEED
+
+    if family != "imagenet":
+        raise BitDanceError(f"--family must be t2i or imagenet, got {family!r}")
+    if gan_decoder or size != "tiny":
+        raise BitDanceError("--gan-decoder and --size are for the t2i family; leave them out "
+                            "with --family imagenet")
+    if not 0 <= seed <= MAX_SEED:
+        raise BitDanceError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed}")
+    parallel_num = 1 if parallel_num is None else parallel_num
+    path = make_tiny(out_dir, parallel_num=parallel_num, seed=seed)
+    nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    typer.echo(f"wrote {path} ({nbytes / 1e6:.1f} MB, imagenet tiny, {parallel_num} tokens per "
+               "step; the authors' .pt files in pt/)")
+
+
+@export_app.command("convert")
+def convert_cmd(
+    model_pt: Path = typer.Argument(..., help="A released ImageNet model checkpoint "
+                                    "(BitDance_B_1x.pt, ...)."),
+    autoencoder: Optional[Path] = typer.Option(
+        None, "--autoencoder", "-a", help="The released autoencoder (ae_d16c32.pt), loaded "
+        "over the model's own copy as the authors' sampler does (default: the model's copy)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: new, empty or an "
+                             "earlier output of convert (replaced only when complete)."),
+    weights: str = typer.Option("ema", "--weights", help="ema (the default, as the authors "
+                                "sample) or model (the trained weights)."),
+    debug: bool = DEBUG_OPTION,
+):
+    """Convert a class-conditional ImageNet checkpoint (the authors' .pt files, read without
+    running any code they may hold) to a checkpoint directory; prints the architecture found
+    and the released preset it matches."""
+    from ..imagenet.checkpoint import convert
+
+    start = time.perf_counter()
+    result = convert(model_pt, out, autoencoder, weights)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    sp = result.spec
+    typer.echo(f"architecture: width {sp.dim}, {sp.n_layer} layers, {sp.n_head} heads, "
+               f"{sp.parallel_num} tokens per step, {sp.cls_token_num} class tokens, "
+               f"{sp.num_classes} classes, head {sp.head_layers} x {sp.head_dim} "
+               f"({sp.head_adaln} adaLN), {sp.image_size}x{sp.image_size} images; "
+               f"autoencoder ch {sp.ae.ch}, ch_mult {list(sp.ae.ch_mult)}, "
+               f"{sp.ae.num_res_blocks} res blocks")
+    typer.echo(f"preset: {result.name}")
+    typer.echo(f"wrote {out} in {time.perf_counter() - start:.1f}s")

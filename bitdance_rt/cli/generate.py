@@ -50,7 +50,12 @@ def progress_bar(label: str, enabled: bool = True):
 
 @rt_app.command()
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What to draw."),
+    ctx: typer.Context,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to draw "
+                                         "(text-to-image checkpoints)."),
+    label: Optional[str] = typer.Option(
+        None, "--class", help="Class-conditional ImageNet checkpoints: the class to draw, an "
+        "index 0..999 or an ImageNet class name (e.g. 'golden retriever')."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c", help="Checkpoint directory (released layout). "
         "Default: the built-in demo model."),
@@ -85,7 +90,15 @@ def generate(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     debug: bool = DEBUG_OPTION,
 ):
-    """Generate images from a text prompt and write PNG files (settings in PNG metadata)."""
+    """Generate images from a text prompt (or, with an ImageNet checkpoint, of a class) and
+    write PNG files (settings in PNG metadata)."""
+    if checkpoint is not None and _is_imagenet(checkpoint):
+        return _generate_imagenet(
+            checkpoint, label, prompt, height=height, width=width, steps=steps,
+            guidance=guidance, seed=seed, num_images=num_images, device=device, dtype=dtype,
+            out=out, backend=backend, engine_dir=engine_dir, compile=compile, timings=timings,
+            progress=progress)
+    _check_text_to_image(ctx, checkpoint, prompt, label)
     from ..request import GenerationRequest, unknown_words
     from ..runtime.images import check_output, save_png
     from ..runtime.session import (Session, builtin_checkpoint, check_backend, preflight,
@@ -122,3 +135,62 @@ def generate(
         typer.echo(timer.table())
 
 
+# -- class-conditional ImageNet checkpoints ---------------------------------------------------
+
+
+def _is_imagenet(checkpoint: Path) -> bool:
+    from ..imagenet.checkpoint import family_of
+
+    return family_of(checkpoint) is not None
+
+
+def _check_text_to_image(ctx, checkpoint, prompt, label) -> None:
+    """A text-to-image model takes --prompt, never --class."""
+    from ..errors import BitDanceError
+
+    if label is not None:
+        which = "the built-in demo model" if checkpoint is None else str(checkpoint)
+        raise BitDanceError(f"--class is for class-conditional ImageNet checkpoints; {which} "
+                            "is a text-to-image model: describe the image with --prompt")
+    if prompt is None:
+        import click
+
+        raise click.UsageError("Missing option '--prompt' (or --class, with an ImageNet "
+                               "checkpoint).", ctx=ctx)
+
+
+def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guidance, seed,
+                       num_images, device, dtype, out, backend, engine_dir, compile, timings,
+                       progress):
+    """``generate --class`` with an ImageNet checkpoint: checked, then loaded and run."""
+    from ..errors import BitDanceError
+    from ..imagenet import checkpoint as imagenet_checkpoint
+    from ..imagenet import sample
+    from ..imagenet.request import ClassRequest
+    from ..runtime.images import check_output, save_png
+    from ..runtime.session import resolve_device, resolve_dtype
+
+    if prompt is not None:
+        raise BitDanceError(f"{checkpoint} is a class-conditional ImageNet checkpoint: it takes "
+                            "--class (an index 0..999 or a class name), not --prompt")
+    if label is None:
+        raise BitDanceError(f"{checkpoint} is a class-conditional ImageNet checkpoint: give "
+                            "--class, an index 0..999 or an ImageNet class name")
+    if backend not in sample.BACKENDS or engine_dir is not None:
+        raise BitDanceError(f"--backend {backend}{' --export-dir' if engine_dir else ''}: "
+                            "ImageNet checkpoints run with --backend torch or reference")
+    if compile or timings:
+        raise BitDanceError("--compile and --timings are not available for ImageNet "
+                            "checkpoints; leave them out")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    paths = check_output(out, num_images)
+    configs = imagenet_checkpoint.load(checkpoint, weights=False)
+    req = ClassRequest(label, num_images, seed, steps, guidance).resolved(configs, height, width)
+    model = imagenet_checkpoint.load(checkpoint, dt, dev)
+    images = sample.generate(model, req.labels, req.steps, req.guidance, req.seed, backend,
+                             on_step=progress_bar("AR steps", progress))
+    meta = req.metadata(model, backend)
+    for i, path in enumerate(paths):
+        save_png(images[i].cpu().numpy(), path, {**meta, "image_index": i})
+        typer.echo(str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,6 +11,9 @@ import typer
 
 from ..errors import BitDanceError
 from .app import DEBUG_OPTION, rt_app
+
+
+MAX_PIXELS = 64 * 2**20  # 64 megapixels: far beyond any image the models make
 
 
 def read_image(path: Path):
@@ -22,9 +26,18 @@ def read_image(path: Path):
     try:
         with Image.open(path) as im:
             recorded = getattr(im, "text", {}).get("prompt")
+            if im.width * im.height > MAX_PIXELS:
+                raise BitDanceError(f"{path} is {im.width}x{im.height} pixels, more than the "
+                                    f"{MAX_PIXELS} `score` reads; score a smaller image")
             return np.asarray(im.convert("RGB")), recorded
-    except (UnidentifiedImageError, OSError) as e:
-        raise BitDanceError(f"{path} is not a readable image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise BitDanceError(f"{path} is too large to read ({e}); score a smaller "
+                            "image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+            struct.error, IndexError, MemoryError) as e:  # PIL's errors for damaged files
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise BitDanceError(f"{path} is not a readable image ({first}); give a PNG "
+                            "(or other image) file") from None
 
 
 @rt_app.command("score")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import BitDanceError
-from ..limits import SERVE_HOST, SERVE_MAX_BATCH, SERVE_MAX_QUEUE, SERVE_PORT, SERVE_TIMEOUT_S
+from ..limits import (SERVE_CLIENT_TIMEOUT_S, SERVE_HOST, SERVE_MAX_BATCH, SERVE_MAX_QUEUE,
+                      SERVE_PORT, SERVE_TIMEOUT_S)
 from .app import DEBUG_OPTION, rt_app
 
 
@@ -37,9 +39,18 @@ def serve(
                                   "answered 429 with Retry-After."),
     timeout: float = typer.Option(SERVE_TIMEOUT_S, help="Seconds a request may take from arrival to "
                                   "answer; then 504 (its rows are dropped at the next block)."),
+    client_timeout: float = typer.Option(SERVE_CLIENT_TIMEOUT_S, "--client-timeout",
+                                         help="Seconds a client may take to send a request's "
+                                         "head, then its body, and to take each piece of an "
+                                         "answer; then 408 and the connection is closed."),
+    drain_timeout: Optional[float] = typer.Option(
+        None, "--drain-timeout", help="Most seconds SIGTERM's drain lasts; then what is left "
+        "is answered 503 or closed, and the process exits 0 (default: the --timeout)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="BITDANCE_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on every "
-                                          "route but /healthz (env: BITDANCE_API_KEY)."),
+                                          "route but /healthz (env: BITDANCE_API_KEY; unset: "
+                                          "no key; empty, padded with white space or not "
+                                          "printable ASCII: refused)."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One small generation "
                                 "before /healthz reports ready."),
     ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve (local Ray instance "
@@ -57,7 +68,7 @@ def serve(
 ):
     """Serve the OpenAI Images API (POST /v1/images/generations), /v1/models, /healthz,
     /metrics and a web page at /, batching compatible requests; SIGTERM drains."""
-    from ..serve.config import ServeConfig
+    from ..serve.config import API_KEY_ENV, ServeConfig
 
     try:
         import fastapi  # noqa: F401
@@ -74,6 +85,8 @@ def serve(
                     or ray_address is not None):
         raise BitDanceError("--replicas, --max-replicas, --gpus-per-replica and --ray-address "
                             "are for --ray; add --ray or leave them out")
+    if api_key is None and API_KEY_ENV in os.environ:
+        api_key = os.environ[API_KEY_ENV]  # set but empty: refused by the check below
     from ..runtime.session import resolve_device
 
     if device is not None and not ray:
@@ -82,7 +95,8 @@ def serve(
                          backend=backend, device=device, dtype=dtype,
                          engine_dir=engine_dir.resolve() if engine_dir else None,
                          cuda_graphs=cuda_graphs, max_batch=max_batch, max_queue=max_queue,
-                         timeout=timeout, api_key=api_key, warmup=warmup).check()
+                         timeout=timeout, api_key=api_key, warmup=warmup,
+                         client_timeout=client_timeout, drain_timeout=drain_timeout).check()
     if ray:
         from ..serve.ray_app import serve_on_ray
 

@@ -28,7 +28,7 @@ from typing import Callable
 from ..errors import BitDanceError, EngineError
 from ..files import atomic_path, staged_directory
 from ..manifest import (ENGINES, ENGINES_FORMAT, ENGINES_SUBDIR, GRAPHS, MANIFEST, check_files,
-                        read_manifest, remember_hashes, sha256_file)
+                        engine_files, graph_file, read_manifest, remember_hashes, sha256_file)
 from ..spec import LATENT_STRIDE
 from .. import trt as trt_compat
 from .common import check_out_dir
@@ -257,7 +257,8 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
                               dtype=manifest["dtype"], target=target, flavor=flavor,
                               timing_cache=timing_cache, opt_size=opt_size, opt_batch=opt_batch)
     out = Path(out) if out is not None else export / ENGINES_SUBDIR
-    check_out_dir(out, "engine directory", ENGINES)
+    writes = {ENGINES, MANIFEST} | {f"{name}.engine" for name in GRAPHS}
+    check_out_dir(out, "engine directory", ENGINES, engine_files, writes)
     names, caps = resolve_targets(fl, target)
     ranges = dim_ranges(manifest, opt_size, opt_batch)
     if manifest.get("attention") == "plugin":
@@ -272,12 +273,13 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
             "the GPU at first use)")
     inside = out.absolute().parent.resolve() == export.resolve()
     engines = {}
-    with staged_directory(out) as stage:
+    with staged_directory(out, engine_files, "engine directory") as stage:
         for i, name in enumerate(GRAPHS):
             graph = manifest["graphs"][name]
             profile = graph_profile(graph, ranges)
             t0 = time.perf_counter()
-            plan, cache = build_engine(fl, export / graph["file"], profile, caps, cache)
+            plan, cache = build_engine(fl, graph_file(manifest, export, name), profile, caps,
+                                       cache)
             file = f"{name}.engine"
             with open(stage / file, "wb") as f:
                 f.write(plan)

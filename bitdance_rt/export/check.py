@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..errors import EngineError
+from ..errors import BitDanceError, EngineError
 from . import block_step, decoder, head_prepare, head_step, prefill
 from .. import dtypes
-from ..manifest import (GRAPHS, check_files, check_model, check_weights, ort_session_options,
-                        read_manifest)
+from ..manifest import (GRAPHS, check_files, check_model, check_weights, graph_file,
+                        ort_session_options, read_manifest)
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 # Graphs that quantize activations: ONNX Runtime and PyTorch may round a value on a
@@ -187,6 +187,10 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
     ``model``: the in-memory model it was exported from (instead of a checkpoint)."""
     import onnxruntime as ort
 
+    from ..limits import MAX_SEED
+
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise BitDanceError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     d = Path(engine_dir)
     manifest = read_manifest(d)
     check_files(manifest, d, graphs)
@@ -217,7 +221,7 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
     tolerance = gate(manifest)
     with tempfile.TemporaryDirectory() as tmp:
         for name in graphs:
-            path = d / manifest["graphs"][name]["file"]
+            path = graph_file(manifest, d, name)
             if name == "decoder":
                 path = _expose_decoded(path, Path(tmp), dtype)
             try:

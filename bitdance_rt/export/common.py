@@ -21,7 +21,7 @@ import torch
 
 from .. import dtypes
 from ..errors import BitDanceError
-from ..files import check_writable_dir
+from ..files import check_output_dir
 from ..manifest import MANIFEST
 
 OPSET = 18  # standard and plugin graphs; native ones need 24 (attention.attention_opset)
@@ -53,21 +53,12 @@ class GraphDef:
         return f"{self.name}.onnx"
 
 
-def check_out_dir(out: Path, what: str = "export", marker: str = MANIFEST) -> None:
+def check_out_dir(out: Path, what: str = "export", marker: str = MANIFEST, owned=None,
+                  writes: set = frozenset()) -> None:
     """``out`` may be written: new, empty, or an earlier output of the same kind (which is
-    replaced when the new one is complete); its parent is writable."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BitDanceError(f"--out {out} is a file; name a new or empty directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
-        raise BitDanceError(
-            f"--out {out} is not empty and holds no {marker}, so it is not an earlier "
-            f"{what}; bitdance-export replaces only its own outputs: name a new or empty "
-            "directory")
-    try:  # the staging directory is made beside out
-        check_writable_dir(out.absolute().parent)
-    except BitDanceError as e:
-        raise BitDanceError(f"cannot write --out {out}: {e}; choose a writable place") from None
+    replaced when the new one is complete, keeping every file it did not write: see
+    :func:`bitdance_rt.files.check_output_dir`); its parent is writable."""
+    check_output_dir(out, what, marker, owned, writes)
 
 
 def native_cache_feeds(model, gen: torch.Generator, rows: int, slots: int) -> dict:

@@ -26,7 +26,7 @@ from .attention import attention_opset, attention_translations, check_attention
 from .. import dtypes
 from .common import OPSET, check_out_dir, export_dtype, export_onnx
 from ..manifest import GRAPHS
-from ..manifest import describe_graph, tool_versions, write_manifest
+from ..manifest import describe_graph, export_files, tool_versions, write_manifest
 from .source import identify_preset, resolve_preset
 
 DEFAULT_MAX_BATCH = 4
@@ -44,10 +44,32 @@ def graph_defs(model: BitDanceModel, attention: str, slots: int):
             "decoder": lambda: decoder.graph_def(model)}
 
 
-def check_settings(attention: str, max_batch: int, max_seq: int) -> None:
+def check_settings(attention: str, max_batch: int, max_seq: int, spec=None,
+                   tokenizer=None) -> None:
+    """Every export setting, before any work: the attention form is available, the envelope
+    is positive, and ``--max-seq`` holds the largest size ``spec`` declares with a prompt."""
+    from ..request import shortest_context
+
     check_attention(attention)  # fail before any work on an unavailable choice
     if max_batch < 1 or max_seq < 1:
         raise BitDanceError("--max-batch and --max-seq must be positive")
+    if spec is not None:
+        need = shortest_context(spec, tokenizer)
+        if max_seq < need:
+            h, w = max(spec.info.sizes, key=lambda s: s[0] * s[1])
+            raise BitDanceError(
+                f"--max-seq {max_seq} is too small: the largest size this model declares, "
+                f"{h}x{w}, needs {need} KV slots with a one-character prompt; pass --max-seq "
+                f"{need} or more (longer prompts need more)")
+
+
+def export_writes(engines: bool = False) -> set:
+    """The names an export writes in its directory (before the work: the early check that it
+    replaces no file of the user's)."""
+    from ..manifest import ENGINES_SUBDIR, MANIFEST
+
+    names = {MANIFEST} | {f"{g}.onnx" for g in GRAPHS} | {f"{g}.onnx.data" for g in GRAPHS}
+    return names | ({ENGINES_SUBDIR} if engines else set())
 
 
 def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = None,
@@ -59,10 +81,10 @@ def export_model(model: BitDanceModel, out_dir, *, preset_name: str | None = Non
     manifest into ``out_dir`` (staged: see the module docstring); returns the manifest.
     ``finish(stage)`` runs on the complete staging directory before it replaces ``out_dir``.
     ``progress`` gets one line per graph."""
-    check_settings(attention, max_batch, max_seq)
+    check_settings(attention, max_batch, max_seq, model.spec, model.tokenizer)
     out = Path(out_dir)
-    check_out_dir(out)
-    with staged_directory(out) as stage:
+    check_out_dir(out, owned=export_files, writes=export_writes(finish is not None))
+    with staged_directory(out, export_files, "export") as stage:
         opset = qdq.required_opset(model, attention_opset(attention, opset))
         manifest = _write_export(model, stage, preset_name, attention, max_batch, max_seq,
                                  opset, source, progress)
@@ -125,15 +147,15 @@ def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
     """Load ``checkpoint`` (only the first ``num_layers`` LLM layers when given) in ``dtype``
     and export it (see :func:`export_model`). Every setting and the output directory are
     checked before the weights load."""
-    from ..checkpoint import read_spec
+    from ..checkpoint import load_tokenizer, read_spec
 
     ckpt = Path(checkpoint)
     torch_dtype = export_dtype(dtype)
     spec = read_spec(ckpt)
     name = resolve_preset(spec, model_name, ckpt)
     spec.truncated(num_layers)  # validate before loading
-    check_settings(attention, max_batch, max_seq)
-    check_out_dir(Path(out_dir))
+    check_settings(attention, max_batch, max_seq, spec, load_tokenizer(ckpt))
+    check_out_dir(Path(out_dir), owned=export_files, writes=export_writes(finish is not None))
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
     model = load_checkpoint(ckpt, dtype=torch_dtype, num_layers=num_layers)

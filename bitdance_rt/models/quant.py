@@ -26,7 +26,6 @@ A quantized checkpoint names its quantized modules in ``quantization.json`` (:fu
 from __future__ import annotations
 
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -221,18 +220,21 @@ def read_layout(ckpt_dir) -> dict | None:
     float checkpoint. ``layout["modules"][component][name] = {"format", "activation",
     "smooth"}``, components "language model" and "diffusion head" (the names
     :func:`~bitdance_rt.checkpoint.load_checkpoint` uses)."""
+    from ..files import PLAIN_NAME, MapOf, Nullable, Opt, check_schema, read_json
+
     path = Path(ckpt_dir) / LAYOUT_FILE
     if not path.is_file():
         return None
-    try:
-        layout = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-run `bitdance-export "
-                              "quantize`") from None
-    if not isinstance(layout, dict) or layout.get("format") != LAYOUT_FORMAT \
-            or not isinstance(layout.get("modules"), dict):
+    fix = "re-run `bitdance-export quantize`"
+    layout = read_json(path, "quantization layout", error=CheckpointError, fix=fix)
+    if layout.get("format") != LAYOUT_FORMAT or not isinstance(layout.get("modules"), dict):
         raise CheckpointError(f"{path} is not a format-{LAYOUT_FORMAT} quantization layout; "
                               "re-run `bitdance-export quantize` with this version")
+    entry = {"format": str, "activation": Opt(Nullable(str)), "smooth": Opt(bool)}
+    check_schema(layout, {"modules": MapOf(MapOf(entry)), "recipe": Opt(str),
+                          "files": Opt([PLAIN_NAME]),
+                          "calibration": Opt(Nullable(MapOf(object)))},
+                 f"quantization layout {path}", error=CheckpointError, fix=fix)
     return layout
 
 

@@ -5,6 +5,8 @@
 - ``api.py``: the request body and its translation into a ``GenerationRequest``
 - ``service.py``: one process's session, scheduler and metrics
 - ``app.py``: the FastAPI app (images API, models, health, metrics, page)
+- ``limits.py``: the rules against hostile or broken clients (body size, client timeouts, the
+  count of every answer); ``redact.py``: no server path in an answer
 - ``run.py``: uvicorn in this process; ``ray_app.py``: the same app on Ray Serve
 
 The FastAPI side needs ``pip install 'bitdance-rt[serve]'`` (Ray: ``[ray]``); the scheduler does

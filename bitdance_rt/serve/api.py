@@ -8,7 +8,6 @@ messages, 400), so a bad request never reaches the model.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Optional, Union
 
@@ -16,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from pydantic import ValidationError
 
 from ..errors import BitDanceError, UnsupportedSizeError
+from ..files import parse_json
 from ..limits import DEFAULT_SEED
 from ..request import GenerationRequest, ImagePlan
 
+BODY_DEPTH = 4  # a request body is one flat object; deeper nesting is refused unparsed
 SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
 
 
@@ -63,10 +64,10 @@ def parse_body(raw: bytes) -> ImagesBody:
     """The request body, or an ApiError: 400 for what is not a JSON object, 422 for a missing,
     unknown or wrongly typed field."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object "
-                       "such as {\"prompt\": \"a lighthouse at dusk\"}") from None
+        data = parse_json(raw, "the request body", max_depth=BODY_DEPTH, allow_nan=True,
+                          fix="send a JSON object such as {\"prompt\": \"a lighthouse at dusk\"}")
+    except BitDanceError as e:
+        raise ApiError(400, str(e)) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got a JSON "
                        f"{type(data).__name__}; send {{\"prompt\": \"...\", ...}}")

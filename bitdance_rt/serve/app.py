@@ -4,7 +4,9 @@ OpenAI Images API, health, metrics and the page. The same app runs under uvicorn
 
 Routes: ``POST /v1/images/generations`` (JSON, or server-sent progress events with
 ``"stream": true``), ``GET /v1/models``, ``GET /healthz`` (200 only when loaded and warmed up;
-never needs the key), ``GET /metrics`` (Prometheus), ``GET /`` (the page).
+never needs the key), ``GET /metrics`` (Prometheus), ``GET /`` (the page). Every route is
+behind the rules of ``limits.py`` (body size, client timeouts, the count of every answer);
+every error is OpenAI's error shape, and no answer carries a server path, host or process id.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import asyncio
 import base64
 import hmac
 import json
-import os
-import socket
+import secrets
 import time
 from contextlib import asynccontextmanager
 
@@ -22,18 +23,20 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .api import ApiError, parse_body, size_text
+from .limits import CLIENT_GONE, Guard, record_status
 from .metrics import CONTENT_TYPE
 from .page import PAGE
 from .scheduler import CANCELLED, DONE, FAILED, Job
 from .service import ImageService
 
 GENERATIONS = "/v1/images/generations"
-MAX_BODY = 1 << 20     # bytes; a prompt that long is refused by the model anyway
+ROUTES = (GENERATIONS, "/v1/models", "/healthz", "/metrics", "/")
 POLL_S = 0.25          # how often a waiting request looks for its client and its deadline
-CLIENT_GONE = 499      # recorded for requests whose client went away (nginx's convention)
-SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"   # which process (Ray: replica) answered
+# which process (Ray: replica) answered: random, so that it names neither the host nor the pid
+SERVED_BY = secrets.token_hex(4)
 
 
 def create_app(service: ImageService, load: str = "background", on_fail=None) -> FastAPI:
@@ -54,7 +57,32 @@ def create_app(service: ImageService, load: str = "background", on_fail=None) ->
                   openapi_url=None)
     app.state.service = service
     if service.config.api_key:
-        app.add_middleware(ApiKey, key=service.config.api_key, metrics=service.metrics)
+        app.add_middleware(ApiKey, key=service.config.api_key)
+
+    def on_answer(scope, status: int) -> None:
+        path = scope.get("path")
+        service.metrics.responded(path if path in ROUTES else "other", status)
+        if path == GENERATIONS:
+            service.metrics.answered(status)
+
+    # outside the key check: its 401s are counted, an oversized body is refused unread
+    app.add_middleware(Guard, client_timeout=service.config.client_timeout, on_answer=on_answer)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return error_response(e, service)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # 404, 405: OpenAI's error shape too
+        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
+                                       f"{e.detail}; the routes are: {', '.join(ROUTES)}",
+                                       headers=dict(e.headers or {})), service)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):  # a bug: the log has the traceback
+        return error_response(ApiError(500, f"internal error ({type(e).__name__}); the server "
+                                       "keeps serving: retry, or report it with the server "
+                                       "log"), service)
 
     @app.get("/healthz")
     async def healthz():
@@ -77,32 +105,27 @@ def create_app(service: ImageService, load: str = "background", on_fail=None) ->
     async def generations(request: Request):
         t0 = time.monotonic()
         watch = Watch()
-        try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY:
-                raise ApiError(413, f"the request body is over {MAX_BODY // 1024} KiB; a "
-                               "request is a JSON object with a prompt and a few settings")
+        try:  # the body is counted and timed as it arrives (limits.Guard)
             body = parse_body(await request.body())
             req = await run_in_threadpool(service.request_from, body)  # tokenizes the prompt
             job = service.submit(req, watch.listener)
         except ApiError as e:
-            service.metrics.answered(e.status)
-            return error_response(e)
+            return error_response(e, service)
         deadline = job.arrived + service.config.timeout
         if body.stream:
-            return StreamingResponse(_events(service, job, watch, deadline, t0),
+            return StreamingResponse(_events(service, job, watch, deadline, t0, request.scope),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
             async for _ in _follow(service, job, watch, deadline, request.is_disconnected):
                 pass
         except asyncio.CancelledError:  # the server cancelled us (Ray: the client went away)
-            if service.cancel(job, "disconnected"):
-                service.metrics.answered(CLIENT_GONE)
+            service.cancel(job, "disconnected")
             raise
         try:
             pngs = await _finish(service, job, t0)
         except ApiError as e:
-            return error_response(e)
+            return error_response(e, service)
         return JSONResponse(
             {"created": int(time.time()),
              "data": [{"b64_json": base64.b64encode(p).decode()} for p in pngs]},
@@ -113,8 +136,16 @@ def create_app(service: ImageService, load: str = "background", on_fail=None) ->
     return app
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), e.status, headers=e.headers)
+def error_response(e: ApiError, service: ImageService | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(e, service), e.status, headers=e.headers)
+
+
+def _error_body(e: ApiError, service: ImageService | None) -> dict:
+    """OpenAI's error shape, its message without server paths."""
+    body = e.body()
+    if service is not None:
+        body["error"]["message"] = service.public(body["error"]["message"])
+    return body
 
 
 class Watch:
@@ -161,7 +192,6 @@ async def _finish(service: ImageService, job: Job, t0: float) -> list[bytes]:
         t_enc = time.monotonic()
         pngs = await run_in_threadpool(service.png_bytes, job)
         now = time.monotonic()
-        m.answered(200)
         m.request_done(job.started - job.arrived, now - t_enc, now - t0, job.size)
         return pngs
     if job.state == FAILED:
@@ -174,9 +204,12 @@ async def _finish(service: ImageService, job: Job, t0: float) -> list[bytes]:
         e = ApiError(504, f"the request did not finish within {service.config.timeout:g} s "
                      "(the server's --timeout); retry when the queue is shorter, or ask for "
                      "fewer steps or images", kind="timeout")
+    elif job.state == CANCELLED and job.reason == "shutdown":
+        e = ApiError(503, f"the server shut down before this request finished (its drain "
+                     f"lasts at most {service.config.drain_seconds:g} s, --drain-timeout); "
+                     "retry on another server", headers={"Retry-After": "5"})
     else:
         e = ApiError(CLIENT_GONE, "the client went away")
-    m.answered(e.status)
     m.request_done(None if job.started is None else job.started - job.arrived, None,
                    time.monotonic() - t0)
     raise e
@@ -186,14 +219,15 @@ def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(service: ImageService, job: Job, watch: Watch, deadline: float, t0: float):
+async def _events(service: ImageService, job: Job, watch: Watch, deadline: float, t0: float,
+                  scope: dict):
     """Server-sent events: ``image_generation.progress`` (state, place in the queue, blocks
     done) on every change, then one ``image_generation.completed`` per image (OpenAI's
     streaming event, with ``b64_json``) or one ``error``. A client that goes away cancels the
     job (the next write fails, or the server cancels the stream)."""
-    last = None
+    last = _progress(service, job)
     try:
-        yield _sse("image_generation.progress", _progress(service, job))
+        yield _sse("image_generation.progress", last)
         async for _ in _follow(service, job, watch, deadline):
             p = _progress(service, job)
             if p != last:
@@ -202,7 +236,8 @@ async def _events(service: ImageService, job: Job, watch: Watch, deadline: float
         try:
             pngs = await _finish(service, job, t0)
         except ApiError as e:
-            yield _sse("error", {"type": "error", **e.body()})
+            record_status(scope, e.status)  # sent as 200: count what it was
+            yield _sse("error", {"type": "error", **_error_body(e, service)})
             return
         r = job.request
         for i, png in enumerate(pngs):
@@ -211,9 +246,8 @@ async def _events(service: ImageService, job: Job, watch: Watch, deadline: float
                 "b64_json": base64.b64encode(png).decode(), "created_at": int(time.time()),
                 "size": size_text(r.height, r.width), "output_format": "png", "seed": r.seed,
                 "batch_images": job.batch_images})
-    finally:
-        if service.cancel(job, "disconnected"):
-            service.metrics.answered(CLIENT_GONE)
+    finally:  # the client went away (a gone client is counted 499 by limits.Guard)
+        service.cancel(job, "disconnected")
 
 
 def _progress(service: ImageService, job: Job) -> dict:
@@ -227,8 +261,8 @@ class ApiKey:
     """ASGI middleware: every route but /healthz needs ``Authorization: Bearer KEY`` (or HTTP
     Basic with KEY as the password, so a browser can open the page)."""
 
-    def __init__(self, app, key: str, metrics=None):
-        self.app, self.key, self.metrics = app, key.encode(), metrics
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
 
     def _ok(self, scope) -> bool:
         auth = dict(scope.get("headers") or ()).get(b"authorization", b"")
@@ -246,8 +280,6 @@ class ApiKey:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] == "/healthz" or self._ok(scope):
             return await self.app(scope, receive, send)
-        if scope["path"] == GENERATIONS and self.metrics:
-            self.metrics.answered(401)
         challenge = 'Basic realm="bitdance-rt"' if scope["path"] == "/" else "Bearer"
         e = ApiError(401, "this server needs an API key: send the header 'Authorization: "
                      "Bearer KEY' (the key given to bitdance-rt serve --api-key)",

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BitDanceError
-from ..limits import MAX_IMAGES, SERVE_MAX_BATCH, SERVE_MAX_QUEUE, SERVE_TIMEOUT_S
+from ..limits import (MAX_IMAGES, SERVE_CLIENT_TIMEOUT_S, SERVE_MAX_BATCH, SERVE_MAX_QUEUE,
+                      SERVE_TIMEOUT_S)
+
+API_KEY_ENV = "BITDANCE_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class ServeConfig:
     timeout: float = SERVE_TIMEOUT_S   # seconds from arrival to the response; then 504
     api_key: str | None = None         # every route but /healthz needs it when set
     warmup: bool = True                # one small generation before /healthz says ready
+    client_timeout: float = SERVE_CLIENT_TIMEOUT_S  # head, body, each piece of an answer
+    drain_timeout: float | None = None  # SIGTERM's drain at most; None: the timeout
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long SIGTERM's drain may last before what is left is dropped."""
+        return self.timeout if self.drain_timeout is None else self.drain_timeout
 
     def check(self) -> "ServeConfig":
         """Raise :class:`BitDanceError` naming the first flag that cannot work."""
@@ -44,10 +54,32 @@ class ServeConfig:
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise BitDanceError(f"--timeout must be a positive number of seconds, got "
                                 f"{self.timeout}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise BitDanceError("--api-key is empty; give a secret string or leave the flag out")
+        for flag, value in (("--client-timeout", self.client_timeout),
+                            ("--drain-timeout", self.drain_seconds)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise BitDanceError(f"{flag} must be a positive number of seconds, got {value}")
+        check_api_key(self.api_key)
         if self.checkpoint is not None and not Path(self.checkpoint).is_dir():
             raise BitDanceError(f"--checkpoint {self.checkpoint} is not a directory; give a "
                                 "checkpoint directory (released layout) or leave it out for the "
                                 "built-in model")
         return self
+
+
+def check_api_key(key: str | None) -> None:
+    """A key every client can send as ``Authorization: Bearer KEY`` (or as a browser's
+    password), or None (no authentication). An empty key, spaces around it, or a character an
+    HTTP header cannot carry would start a server that is open, or that nobody can use."""
+    where = f"the API key (--api-key or {API_KEY_ENV})"
+    if key is None:
+        return
+    if not key.strip():
+        raise BitDanceError(f"{where} is empty; give a secret string, or unset {API_KEY_ENV} "
+                            "and leave out --api-key to serve without authentication")
+    if key != key.strip():
+        raise BitDanceError(f"{where} has white space at its start or end, which no client "
+                            "can send; remove it")
+    bad = next((c for c in key if not " " <= c <= "~"), None)
+    if bad is not None:
+        raise BitDanceError(f"{where} holds the character {bad!r}, which an HTTP header cannot "
+                            "carry; use printable ASCII (letters, digits, punctuation)")

@@ -2,7 +2,10 @@
 servers (tests, Ray replicas) in one process do not share counters.
 
 - ``bitdance_queue_depth``: requests waiting; ``bitdance_running_requests``: in the current run
-- ``bitdance_requests_total{status}``: answered requests by HTTP status (499: client went away)
+- ``bitdance_requests_total{status}``: answered image requests by HTTP status (499: the client
+  went away, or did not take its answer in time)
+- ``bitdance_responses_total{route,status}``: every answer of every route (``other``: a path
+  the server does not serve, or a request whose head never arrived)
 - ``bitdance_stage_seconds{stage}``: latency histograms: ``queue`` (arrival to start),
   ``prefill``, ``block_step``, ``head``, ``decode`` (per run, from the runtime's stage timer),
   ``run`` (one AR run), ``encode`` (PNG) and ``total`` (arrival to answer) per request
@@ -40,6 +43,8 @@ class Metrics:
                              registry=r)
         self.requests = Counter("bitdance_requests", "Answered image requests by HTTP status",
                                 ["status"], registry=r)
+        self.responses = Counter("bitdance_responses", "Answers of every route by HTTP status",
+                                 ["route", "status"], registry=r)
         self.stage = Histogram("bitdance_stage_seconds", "Latency per stage", ["stage"],
                                buckets=STAGE_BUCKETS, registry=r)
         self.batch = Histogram("bitdance_batch_images", "Images per AR run",
@@ -77,7 +82,12 @@ class Metrics:
     # -- observations -----------------------------------------------------------------------
 
     def answered(self, status: int) -> None:
+        """One answer of the images route."""
         self.requests.labels(str(status)).inc()
+
+    def responded(self, route: str, status: int) -> None:
+        """One answer of any route."""
+        self.responses.labels(route, str(status)).inc()
 
     def request_done(self, queue_s: float | None, encode_s: float | None, total_s: float,
                      images: int = 0) -> None:

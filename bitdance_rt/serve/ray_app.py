@@ -44,7 +44,7 @@ def deployment(config: ServeConfig, replicas: int = 1, gpus_per_replica: float =
         # Let a replica hold a full batch plus its own queue, so requests batch there and
         # its own bounded queue (429) is what pushes back.
         max_ongoing_requests=config.max_batch + config.max_queue + 1,
-        graceful_shutdown_timeout_s=config.timeout + 10,
+        graceful_shutdown_timeout_s=config.drain_seconds + 10,
         graceful_shutdown_wait_loop_s=1,
     )
     if max_replicas:

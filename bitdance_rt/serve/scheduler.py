@@ -136,6 +136,17 @@ class Scheduler:
         job._notify()
         return True
 
+    def drop_all(self, reason: str) -> tuple[int, int]:
+        """Take no new work and give up every queued and running job (the run stops at its
+        next block); returns how many were (queued, running)."""
+        with self._cv:
+            self._closing = True
+            queued = list(self._queue)
+            running = [j for j in self._running if not j.over]
+            self._cv.notify_all()
+        dropped = [j for j in queued + running if self.cancel(j, reason)]
+        return (sum(j in dropped for j in queued), sum(j in dropped for j in running))
+
     def queued(self) -> int:
         with self._cv:
             return len(self._queue)
@@ -158,6 +169,10 @@ class Scheduler:
             self._closing = True
             self._cv.notify_all()
         self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        """Whether the worker thread is still running."""
+        return self._thread.is_alive()
 
     def _retry_after(self) -> int:
         runs_ahead = 1 + sum(j.size for j in self._queue) / self.max_batch

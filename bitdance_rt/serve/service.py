@@ -13,11 +13,13 @@ from ..request import GenerationRequest, ImagePlan
 from .api import ApiError, ImagesBody, size_text, to_request
 from .config import ServeConfig
 from .metrics import Metrics
+from .redact import redact
 from .scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 
 log = logging.getLogger("bitdance_rt.serve")
 
 LOADING, READY, FAILED, DRAINING = "loading", "ready", "failed", "draining"
+DROPPED_JOIN_S = 2.0    # after drop_all: how long close() waits for the worker's current block
 
 
 class ImageService:
@@ -32,6 +34,7 @@ class ImageService:
         self.state = LOADING
         self.error: BaseException | None = None
         self.created = int(time.time())
+        self._dropped = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -78,13 +81,29 @@ class ImageService:
         t.start()
         return t
 
-    def close(self) -> None:
-        """Take no new requests; finish what is queued and running."""
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests; finish what is queued and running (waiting at most
+        ``timeout`` seconds for the worker; after :meth:`drop_all`, a few)."""
         if self.state == READY:
             self.state = DRAINING
         self.metrics.ready.set(0)
         if self.scheduler is not None:
-            self.scheduler.close()
+            self.scheduler.close(DROPPED_JOIN_S if self._dropped else timeout)
+
+    def worker_busy(self) -> bool:
+        """Whether the scheduler's worker is still in a run (after close: a block it could
+        not leave in time)."""
+        return self.scheduler is not None and self.scheduler.alive()
+
+    def drop_all(self, reason: str = "shutdown") -> tuple[int, int]:
+        """Give up every queued and running request (their handlers answer 503) and take no
+        new ones; returns (queued, running) dropped. For a drain past its bound."""
+        if self.state == READY:
+            self.state = DRAINING
+        self._dropped = True
+        if self.scheduler is None:
+            return 0, 0
+        return self.scheduler.drop_all(reason)
 
     def warmup_request(self) -> GenerationRequest:
         """One image at the model's smallest size, one step, the default guidance."""
@@ -98,6 +117,21 @@ class ImageService:
     def model_id(self) -> str:
         return self.session.spec.name if self.session is not None else "loading"
 
+    @property
+    def checkpoint_name(self) -> str:
+        """What an answer says of the checkpoint: its directory's name, never its path."""
+        path = getattr(self.session, "checkpoint", None) or self.config.checkpoint
+        return path.name if path else ""
+
+    def public(self, text: str) -> str:
+        """``text`` fit for a client: server paths cut to their names (see ``redact``)."""
+        known = {}
+        for path in (self.config.checkpoint, self.config.engine_dir,
+                     getattr(self.session, "checkpoint", None)):
+            if path:
+                known[str(path)] = path.name
+        return redact(text, known)
+
     def check_ready(self) -> None:
         if self.state == READY:
             return
@@ -107,19 +141,22 @@ class ImageService:
         if self.state == DRAINING:
             raise ApiError(503, "the server is shutting down; retry on another server",
                            headers={"Retry-After": "5"})
-        raise ApiError(503, f"the model failed to load: {self.error}")
+        raise ApiError(503, f"the model failed to load: {self.public(str(self.error))}")
 
     def request_from(self, body: ImagesBody) -> ImagePlan:
         """The request's plan (checked and tokenized once; it travels to the scheduler)."""
         self.check_ready()
-        plan = to_request(body, self.session, self.model_id)
-        if plan.request.num_images > self.config.max_batch:
-            raise ApiError(400, f"n must be at most {self.config.max_batch} on this server "
-                           "(its --max-batch); ask for fewer images per request", "n")
-        return plan
+        n, most = body.n, self.config.max_batch
+        if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= most):
+            more = "; send several requests for more images" if isinstance(n, int) and n > most \
+                else ""
+            raise ApiError(400, f"n must be from 1 to {most} on this server (its --max-batch), "
+                           f"got {n!r}{more}", "n")
+        return to_request(body, self.session, self.model_id)
 
     def submit(self, plan: ImagePlan, listener=None) -> Job:
-        job = Job(plan, listener=listener)
+        blocks = plan.tokens // self.session.spec.parallel_num  # known before it runs
+        job = Job(plan, listener=listener, blocks_total=blocks)
         try:
             self.scheduler.submit(job)
         except QueueFull as e:
@@ -137,7 +174,7 @@ class ImageService:
         """The job's images as PNG files with the CLI's text metadata (the runtime's writer)."""
         from ..runtime.images import png_bytes
 
-        meta = self.session.metadata(job.request)
+        meta = {**self.session.metadata(job.request), "checkpoint": self.checkpoint_name}
         return [png_bytes(image.numpy(), {**meta, "image_index": i})
                 for i, image in enumerate(job.images)]
 
@@ -162,7 +199,7 @@ class ImageService:
     def health(self) -> tuple[int, dict]:
         body = {"status": self.state, "model": self.model_id}
         if self.state == FAILED:
-            body["error"] = str(self.error)
+            body["error"] = self.public(str(self.error))
         if self.scheduler is not None:
             body["queued"] = self.scheduler.queued()
         return (200 if self.state == READY else 503), body

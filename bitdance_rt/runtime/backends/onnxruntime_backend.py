@@ -18,7 +18,7 @@ import torch
 from ... import dtypes
 from ...checkpoint import BitDanceModel
 from ...errors import EngineError
-from ...manifest import GRAPHS, check_files, ort_session_options, read_manifest
+from ...manifest import GRAPHS, check_files, graph_file, ort_session_options, read_manifest
 from .graph_runtime import GraphRuntime
 
 
@@ -60,7 +60,7 @@ class OnnxRuntimeBackend(GraphRuntime):
     def _load(self, name: str):
         import onnxruntime as ort
 
-        path = self.engine_dir / self.manifest["graphs"][name]["file"]
+        path = graph_file(self.manifest, self.engine_dir, name)  # checked, then loaded
         opts = ort_session_options(self.manifest, self.device.type == "cpu")
         try:
             session = ort.InferenceSession(str(path), opts, providers=self.providers)

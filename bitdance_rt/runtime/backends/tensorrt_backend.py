@@ -31,7 +31,8 @@ import torch
 from ... import trt as trt_compat
 from ...checkpoint import BitDanceModel
 from ...errors import EngineError
-from ...manifest import GRAPHS, check_engines, find_engine_dir, read_engines, read_manifest
+from ...manifest import (GRAPHS, check_engines, engine_file, find_engine_dir, read_engines,
+                         read_manifest)
 from ..graphs import counted_capture
 from .graph_runtime import GraphRuntime
 
@@ -163,7 +164,7 @@ class TensorRTBackend(GraphRuntime):
         self.runtime = self.flavor.trt.Runtime(self._logger)
         self.engines, self.contexts = {}, {}
         for name in GRAPHS:
-            path = d / info["engines"][name]["file"]
+            path = engine_file(info, d, name)  # checked, then loaded
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise EngineError(f"{self.flavor.label} cannot load engine {path} on this GPU; "

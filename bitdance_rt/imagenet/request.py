@@ -1,0 +1,64 @@
+"""A class-conditional request (:class:`ClassRequest`): checked against a checkpoint's
+configs before any weights are read, run, and described in the images' metadata."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..errors import RequestError
+from ..limits import DEFAULT_SEED, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MIN_GUIDANCE
+from .checkpoint import ImageNetModel
+from .classes import class_name, resolve_class
+
+
+@dataclass(frozen=True)
+class ClassRequest:
+    """``num_images`` images of one class; None settings take the model's defaults."""
+
+    label: int | str
+    num_images: int = 1
+    seed: int = DEFAULT_SEED
+    steps: int | None = None
+    guidance: float | None = None
+
+    def resolved(self, model: ImageNetModel, height: int | None = None,
+                 width: int | None = None) -> "ClassRequest":
+        """The request with its class as an index and the model's defaults filled in, every
+        setting checked (:class:`RequestError`, one line). ``height``/``width``, when given,
+        must be the model's image size."""
+        spec, d = model.spec, model.defaults
+        r = replace(self, label=resolve_class(self.label, spec.num_classes),
+                    steps=d["steps"] if self.steps is None else self.steps,
+                    guidance=d["guidance"] if self.guidance is None else self.guidance)
+        if not (isinstance(r.num_images, int) and 1 <= r.num_images <= MAX_IMAGES):
+            raise RequestError(f"the number of images must be between 1 and {MAX_IMAGES}, got "
+                               f"{r.num_images!r}")
+        if not (isinstance(r.steps, int) and 1 <= r.steps <= MAX_STEPS):
+            raise RequestError(f"steps must be between 1 and {MAX_STEPS} (the authors sample "
+                               f"with 100), got {r.steps!r}")
+        g = r.guidance
+        if (not isinstance(g, (int, float)) or not math.isfinite(g)
+                or not MIN_GUIDANCE <= g <= MAX_GUIDANCE):
+            raise RequestError(f"guidance must be a number from 1.0 (no guidance) to "
+                               f"{MAX_GUIDANCE:g}, got {g!r}")
+        if not (isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED):
+            raise RequestError(f"the seed must be an integer from 0 to {MAX_SEED}, got {r.seed!r}")
+        size = spec.image_size
+        for name, value in (("--height", height), ("--width", width)):
+            if value is not None and value != size:
+                raise RequestError(f"{name} {value}: this model makes {size}x{size} images "
+                                   "only; leave the size out")
+        return r
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(self.label)] * self.num_images
+
+    def metadata(self, model: ImageNetModel, backend: str) -> dict:
+        """The settings that made the images (PNG text chunks)."""
+        return {"family": "imagenet", "model": model.name, "class": int(self.label),
+                "class_name": class_name(int(self.label)), "seed": self.seed,
+                "steps": self.steps, "guidance": self.guidance, "backend": backend,
+                "size": f"{model.spec.image_size}x{model.spec.image_size}",
+                "num_images": self.num_images}
