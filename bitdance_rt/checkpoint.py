@@ -219,7 +219,7 @@ def _load_tensors(files: dict[str, Path], module: nn.Module, dtype, device, what
     by_file: dict[Path, list[str]] = {}
     for k, f in files.items():
         by_file.setdefault(f, []).append(k)
-    from .manifest import recall_verdict, remember_verdict, verdict_record
+    from .verified import recall_verdict, remember_verdict, verdict_record
 
     for f, keys in by_file.items():
         record = verdict_record(f.parent)

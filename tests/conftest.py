@@ -80,3 +80,16 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(
                 ("random seed", f"inputs drawn from seed {seed!r}; rerun this case with: "
                                 f"python -m pytest '{item.nodeid}'"))
+
+
+def one_line_error(r, *words):
+    """A CLI result that failed the way user mistakes must: exit 2, one ``error:`` line
+    holding every one of ``words``, no traceback; returns that line."""
+    out = r.output.strip()
+    assert r.exit_code == 2, out
+    assert "Traceback" not in out, out
+    err = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, out
+    for w in words:
+        assert w in err[0], (w, err[0])
+    return err[0]

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bitdance_rt.cli import export_app, rt_app
+from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--height", "256", "--width", "896", "--steps", "1", "--guidance", "2", "--device",
@@ -24,17 +25,6 @@ FAST = ["--height", "256", "--width", "896", "--steps", "1", "--guidance", "2", 
 def gen(ckpt, *args):
     return CliRunner().invoke(rt_app, ["generate", "-c", str(ckpt), "-p", "a boat", *FAST,
                                        *args])
-
-
-def one_line_error(r, *words):
-    out = r.output.strip()
-    assert r.exit_code == 2, out
-    assert "Traceback" not in out, out
-    err = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(err) == 1, out
-    for w in words:
-        assert w in err[0], (w, err[0])
-    return err[0]
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from bitdance_rt.errors import BitDanceError, CheckpointError
 from bitdance_rt.imagenet import checkpoint, pt_files, sample, tiny
 from bitdance_rt.imagenet.classes import class_name, resolve_class, synsets
 from bitdance_rt.imagenet.spec import PRESETS, ImageNetSpec, match_preset
+from conftest import one_line_error
 
 GOLDEN = Path(__file__).parent / "data" / "imagenet_golden"
 
@@ -57,17 +58,6 @@ def tiny_dirs(tmp_path_factory):
                                      meta["make_tiny_seed"])
         return made[p]
     return get
-
-
-def one_line_error(r, *words):
-    out = r.output.strip()
-    assert r.exit_code == 2, out
-    assert "Traceback" not in out, out
-    err = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(err) == 1, out
-    for w in words:
-        assert w in err[0], (w, err[0])
-    return err[0]
 
 
 # -- seed-exact sampling -------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from bitdance_rt.serve.redact import redact
 from bitdance_rt.serve.run import make_server
 from bitdance_rt.serve.service import ImageService
 from bitdance_rt.tiny import make_tiny
+from conftest import one_line_error
 
 URL = "/v1/images/generations"
 FAST = {"size": "896x256", "steps": 1, "guidance": 3.0}   # 14 blocks with P = 64
@@ -599,16 +600,6 @@ def _body(size):
 
 
 # -- startup --------------------------------------------------------------------------------
-
-def one_line_error(r, *words):
-    out = r.output.strip()
-    assert r.exit_code == 2, out
-    assert "Traceback" not in out, out
-    err = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(err) == 1, out
-    for w in words:
-        assert w in err[0], (w, err[0])
-
 
 def test_an_api_key_no_client_can_send_is_refused_at_startup():
     seed = 5108

@@ -12,7 +12,6 @@ Everything a user can get wrong is checked in :meth:`Session.open` and
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +30,6 @@ BACKENDS = ("torch", "reference", "onnxruntime", "tensorrt")
 GRAPH_BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bitdance-rt"
 
 
 def builtin_checkpoint(say=None) -> Path:
