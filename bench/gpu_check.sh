@@ -13,11 +13,11 @@
 # measured to $OUT (below) as it goes, so a run stopped early still leaves its numbers.
 #
 # Steps, most important first, each under its own time limit (a failing or stopped step does
-# not stop the others). Limits: startup 20 s, latency 190 s, latency_fp8 60 s,
-# latency_fp8-weight 60 s, attention 60 s, pytest_gpu 60 s, agreement 60 s; 3 s more per step
-# for a step that ignores SIGTERM (timeout -k). At most 528 s in all, and a step never runs
-# past BUDGET (540 s from the start: it is shortened, or skipped when under 10 s are left), so
-# the whole script ends within 10 minutes (e.g. inside a job limit of 600 s).
+# not stop the others). Limits: startup 20 s, latency 140 s, latency_fp8 60 s,
+# latency_fp8-weight 60 s, attention 60 s, pytest_gpu 60 s, agreement 50 s, throughput 65 s;
+# 3 s more per step for a step that ignores SIGTERM (timeout -k). At most 536 s in all, and a
+# step never runs past BUDGET (540 s from the start: it is shortened, or skipped when under
+# 10 s are left), so the whole script ends within 10 minutes (e.g. inside a job limit of 600 s).
 #   1. latency: bench/latency.py, 14b-64x with random weights at 1024x1024, N = 50, g = 7.5,
 #      reference against torch (CUDA graphs, bf16), per-stage table, block-step growth and the
 #      weight-read floor.
@@ -33,8 +33,14 @@
 #      stream's ordering (tests/test_gpu_readiness.py).
 #   5. agreement: bench/agreement.py, identical tokens and pixels, torch backend against the
 #      reference, on make-tiny checkpoints (P = 4, 16, 64) in fp32 and bf16.
+#   6. throughput: bench/throughput.py, img/s of the ImageNet family at batch 64 in bf16 with
+#      random weights, 100 head steps, each preset's guidance (the setting of the paper's
+#      Table 3: 24.18 img/s for B-4x and 90.26 for B-16x on an A100, their compiled code):
+#      imagenet-b-16x, then imagenet-b-4x, our torch backend then the reference, one warmup
+#      (1 head step) and one timed run each. The authors' code is not on the GPU machine: their
+#      runner is not in this step (bench/throughput.py --authors runs it beside ours).
 #
-# What comes back (7 files in $OUT; at most 8 can):
+# What comes back (8 files in $OUT; at most 8 can):
 #   summary.txt   the machine (GPU, driver, python, torch, triton, commit) and the startup's
 #                 seconds, then one line per step as it ends: its rc (124/137: stopped at its
 #                 limit) and seconds, or "skipped"; last the total seconds
@@ -42,6 +48,7 @@
 #   latency.json, latency_fp8.json, latency_fp8-weight.json, attention.json
 #                 written by each script when it completes (until then its rows are in log.txt)
 #   agreement.json  rewritten after every configuration ("complete": false until the last)
+#   throughput.json rewritten after every timed run ("complete": false until the last)
 #
 # TensorRT is not needed (nor used): the TensorRT backend's GPU tests run under
 # `python -m pytest -m "gpu and trt"` on a machine with TensorRT installed.
@@ -95,13 +102,15 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DEV=(--device cpu) ATTN=(--small --iters 2) AGREE=(--steps 1 --cases 4:256x896,16:256x1024)
   LAT=(--preset tiny --height 256 --width 896 --steps 2 --replay 2)
   QLAT=(--preset tiny --height 256 --width 896 --steps 2 --replay 0)
+  TPUT=(--preset tiny-16x,tiny-4x --batch 2 --steps 2)
 else
   DEV=() ATTN=() AGREE=()
   LAT=(--preset 14b-64x --height 1024 --width 1024 --steps 50 --replay 10)
   QLAT=(--preset 14b-64x --height 1024 --width 1024 --steps 50 --replay 0)
+  TPUT=(--preset imagenet-b-16x,imagenet-b-4x --batch 64)
 fi
 
-step latency 190 "$PY" bench/latency.py "${DEV[@]}" "${LAT[@]}" --weights random \
+step latency 140 "$PY" bench/latency.py "${DEV[@]}" "${LAT[@]}" --weights random \
   --backends reference,torch --guidance 7.5 --warmup 1 --repeats 1 --json "$OUT/latency.json"
 for recipe in fp8 fp8-weight; do
   step "latency_$recipe" 60 "$PY" bench/latency.py "${DEV[@]}" "${QLAT[@]}" --weights random \
@@ -112,7 +121,9 @@ step attention 60 "$PY" bench/attention.py "${DEV[@]}" "${ATTN[@]}" --json "$OUT
 step pytest_gpu 60 "$PY" -m pytest -v -rs -m gpu -p no:cacheprovider \
   tests/test_plugins_attention.py tests/test_runtime.py tests/test_quant.py \
   tests/test_gpu_readiness.py
-step agreement 60 "$PY" bench/agreement.py "${DEV[@]}" "${AGREE[@]}" --json "$OUT/agreement.json"
+step agreement 50 "$PY" bench/agreement.py "${DEV[@]}" "${AGREE[@]}" --json "$OUT/agreement.json"
+step throughput 65 "$PY" bench/throughput.py "${DEV[@]}" "${TPUT[@]}" --dtype bfloat16 \
+  --runners torch,reference --warmup 1 --repeats 1 --json "$OUT/throughput.json"
 
 echo "total: ${SECONDS}s" | tee -a "$SUMMARY"
 echo "== summary"

@@ -48,7 +48,7 @@ def test_gpu_check_limits_fit_one_call_and_the_header_says_them():
              for m in re.finditer(r'^\s*step ("?[\w$]+"?) (\d+) ', text, re.M)
              for r in (["fp8", "fp8-weight"] if "$recipe" in m.group(1) else [""])]
     assert [n for n, _ in steps] == ["latency", "latency_fp8", "latency_fp8-weight",
-                                     "attention", "pytest_gpu", "agreement"]
+                                     "attention", "pytest_gpu", "agreement", "throughput"]
     grace = int(re.search(r"^GRACE=(\d+)", text, re.M).group(1))
     budget = int(re.search(r"BUDGET=\$\{BUDGET:-(\d+)\} SCALE=\$\{SCALE:-1\}", text).group(1))
     startup = sum(int(t) for t in re.findall(r"^\s+timeout (\d+) ", text, re.M))
