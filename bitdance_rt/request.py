@@ -57,6 +57,24 @@ def check_text(prompt: str) -> None:
             + "; give the prompt as UTF-8 text") from None
 
 
+def check_numbers(num_images, steps, guidance, seed, steps_note: str) -> None:
+    """The numbers of a request of either family, within the limits of :mod:`limits`
+    (:class:`RequestError`, one line; ``steps_note`` says the usual step counts)."""
+    if not (isinstance(num_images, int) and 1 <= num_images <= MAX_IMAGES):
+        raise RequestError(f"the number of images must be between 1 and {MAX_IMAGES}, got "
+                           f"{num_images!r}")
+    if not (isinstance(steps, int) and 1 <= steps <= MAX_STEPS):
+        raise RequestError(f"steps must be between 1 and {MAX_STEPS} ({steps_note}), got "
+                           f"{steps!r}")
+    g = guidance
+    if (not isinstance(g, (int, float)) or not math.isfinite(g)
+            or not MIN_GUIDANCE <= g <= MAX_GUIDANCE):
+        raise RequestError(f"guidance must be a number from 1.0 (no guidance) to "
+                           f"{MAX_GUIDANCE:g}, got {g!r}")
+    if not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise RequestError(f"the seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt, ``num_images`` images. ``None`` settings take the model's defaults
@@ -91,18 +109,8 @@ class GenerationRequest:
         if not isinstance(r.prompt, str) or not r.prompt.strip():
             raise RequestError("the prompt is empty; describe the image to draw")
         check_text(r.prompt)
-        if not (isinstance(r.num_images, int) and 1 <= r.num_images <= MAX_IMAGES):
-            raise RequestError(f"the number of images must be between 1 and {MAX_IMAGES}, got "
-                               f"{r.num_images!r}")
-        if not (isinstance(r.steps, int) and 1 <= r.steps <= MAX_STEPS):
-            raise RequestError(f"steps must be between 1 and {MAX_STEPS} (50 is the authors' "
-                               f"setting, 25 the fast one), got {r.steps!r}")
-        g = r.guidance
-        if not isinstance(g, (int, float)) or not math.isfinite(g) or not MIN_GUIDANCE <= g <= MAX_GUIDANCE:
-            raise RequestError(f"guidance must be a number from 1.0 (no guidance) to "
-                               f"{MAX_GUIDANCE:g}, got {g!r}")
-        if not (isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED):
-            raise RequestError(f"the seed must be an integer from 0 to {MAX_SEED}, got {r.seed!r}")
+        check_numbers(r.num_images, r.steps, r.guidance, r.seed,
+                      "50 is the authors' setting, 25 the fast one")
         if not (isinstance(r.height, int) and isinstance(r.width, int)):
             raise RequestError(f"height and width must be integers, got {r.height!r}x{r.width!r}")
         sizes = spec.info.sizes if spec is not None else RELEASED_SIZES

@@ -3,11 +3,11 @@ configs before any weights are read, run, and described in the images' metadata.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from ..errors import RequestError
-from ..limits import DEFAULT_SEED, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, MIN_GUIDANCE
+from ..request import check_numbers
+from ..limits import DEFAULT_SEED
 from .checkpoint import ImageNetModel
 from .classes import class_name, resolve_class
 
@@ -31,19 +31,7 @@ class ClassRequest:
         r = replace(self, label=resolve_class(self.label, spec.num_classes),
                     steps=d["steps"] if self.steps is None else self.steps,
                     guidance=d["guidance"] if self.guidance is None else self.guidance)
-        if not (isinstance(r.num_images, int) and 1 <= r.num_images <= MAX_IMAGES):
-            raise RequestError(f"the number of images must be between 1 and {MAX_IMAGES}, got "
-                               f"{r.num_images!r}")
-        if not (isinstance(r.steps, int) and 1 <= r.steps <= MAX_STEPS):
-            raise RequestError(f"steps must be between 1 and {MAX_STEPS} (the authors sample "
-                               f"with 100), got {r.steps!r}")
-        g = r.guidance
-        if (not isinstance(g, (int, float)) or not math.isfinite(g)
-                or not MIN_GUIDANCE <= g <= MAX_GUIDANCE):
-            raise RequestError(f"guidance must be a number from 1.0 (no guidance) to "
-                               f"{MAX_GUIDANCE:g}, got {g!r}")
-        if not (isinstance(r.seed, int) and 0 <= r.seed <= MAX_SEED):
-            raise RequestError(f"the seed must be an integer from 0 to {MAX_SEED}, got {r.seed!r}")
+        check_numbers(r.num_images, r.steps, r.guidance, r.seed, "the authors sample with 100")
         size = spec.image_size
         for name, value in (("--height", height), ("--width", width)):
             if value is not None and value != size:
