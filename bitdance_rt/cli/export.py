@@ -22,6 +22,9 @@ Usage:
   bitdance-export build DIR [--target sm89]               engines for an existing export
   bitdance-export check DIR                               compare every graph with PyTorch
   bitdance-export make-tiny DIR                           a small random test checkpoint
+  bitdance-export convert MODEL.pt --autoencoder AE.pt --out DIR   an ImageNet .pt, converted
+  bitdance-export calibrate --checkpoint CKPT --out F     activation statistics for quantize
+  bitdance-export quantize --checkpoint CKPT --recipe R --out DIR  a quantized checkpoint
 
 \b
 Then: bitdance-rt generate --backend onnxruntime --export-dir DIR ...

@@ -67,7 +67,8 @@ def generate(
     steps: Optional[int] = typer.Option(None, help="Head sampling steps N (default: the "
                                         "model's; 50 for the released models, 25 is fast)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, 1.0 "
-                                             "disables it (default: the model's; 7.5)."),
+                                             "disables it (default: the model's: 7.5 for the "
+                                             "released models, 4.0 for the demo model)."),
     seed: int = typer.Option(DEFAULT_SEED, help="Random seed (same seed, same image)."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if "

@@ -28,7 +28,8 @@ def serve(
                                               "release)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if "
                                          "present)."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: "
+                                        "bfloat16 on cuda, float32 on cpu)."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs"),
     host: str = typer.Option(SERVE_HOST, help="Address to listen on (loopback by default; "
                              "0.0.0.0 to accept other machines)."),
