@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 # bitdance_rt sets the OpenMP and oneMKL settings it relies on when imported (OMP_WAIT_POLICY
 # must be in place before torch starts its OpenMP runtime): import it before torch.
@@ -93,3 +94,26 @@ def one_line_error(r, *words):
     for w in words:
         assert w in err[0], (w, err[0])
     return err[0]
+
+
+def fake_export(d: Path) -> dict:
+    """A directory with a manifest of the current format over small stand-in graph files."""
+    from bitdance_rt.manifest import FORMAT, GRAPHS, MANIFEST, sha256_file
+
+    d.mkdir(parents=True)
+    graphs = {}
+    for name in GRAPHS:
+        f = f"{name}.onnx"
+        (d / f).write_bytes(name.encode() * 10)
+        graphs[name] = {"file": f, "files": {f: (d / f).stat().st_size},
+                        "sha256": {f: sha256_file(d / f)},
+                        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
+                        "outputs": [], "dynamic_axes": {"x": {"0": "batch"}},
+                        "external_data": False}
+    manifest = {"format": FORMAT, "preset": "tiny-4x", "config_hash": "0" * 16,
+                "dtype": "fp32", "parallel_num": 4, "attention": "standard",
+                "limits": {"max_batch": 4, "max_rows": 8, "max_seq": 4608},
+                "sizes": [[256, 896]], "default_size": [256, 896], "cache_slots": None,
+                "source": {"checkpoint": "/nowhere"}, "graphs": graphs}
+    (d / MANIFEST).write_text(json.dumps(manifest))
+    return manifest

@@ -27,6 +27,7 @@ from bitdance_rt.manifest import (ENGINES, ENGINES_SUBDIR, FORMAT, GRAPHS, MANIF
                                   check_engines, check_files, engine_file, engine_files,
                                   export_files, graph_file, read_engines, read_manifest,
                                   sha256_file)
+from conftest import fake_export as export_dir
 
 SEEDS = [0, 1, 2]
 
@@ -188,16 +189,8 @@ def test_without_a_record_a_non_empty_directory_is_never_replaced(tmp_path):
 def fake_export(d: Path, engines: bool = False) -> dict:
     """An export directory of the current format over small stand-in graph files (and, with
     ``engines``, an ``engines/`` as `build` writes it)."""
-    d.mkdir(parents=True)
-    graphs = {}
-    for name in GRAPHS:
-        f = f"{name}.onnx"
-        (d / f).write_bytes(name.encode() * 10)
-        graphs[name] = {"file": f, "files": {f: (d / f).stat().st_size},
-                        "sha256": {f: sha256_file(d / f)}, "inputs": [], "outputs": []}
-    manifest = {"format": FORMAT, "config_hash": "0" * 16, "dtype": "fp32", "parallel_num": 4,
-                "limits": {"max_batch": 4, "max_rows": 8, "max_seq": 4608}, "graphs": graphs}
-    (d / MANIFEST).write_text(json.dumps(manifest))
+    manifest = export_dir(d)
+    graphs = manifest["graphs"]
     if engines:
         e = d / ENGINES_SUBDIR
         e.mkdir()

@@ -24,6 +24,7 @@ from bitdance_rt.files import MapOf, Nullable, Opt, json_depth, parse_json, read
 from bitdance_rt.limits import MAX_SEED
 from bitdance_rt.manifest import FORMAT, MANIFEST, check_files, read_manifest, sha256_file
 from bitdance_rt.request import GenerationRequest, plan_for
+from conftest import fake_export
 
 SEEDS = [0, 1, 2]
 CONFIGS = ("config.json", "vision_head_config.json", "ae_config.json", "bitdance_rt.json")
@@ -246,29 +247,6 @@ def test_the_cli_says_one_line_for_damaged_configs(configs_only, tmp_path):
 
 
 # -- manifests and engines.json ----------------------------------------------------------------
-
-
-def fake_export(d: Path) -> dict:
-    """A directory with a manifest of the current format over small stand-in graph files."""
-    from bitdance_rt.manifest import GRAPHS
-
-    d.mkdir(parents=True)
-    graphs = {}
-    for name in GRAPHS:
-        f = f"{name}.onnx"
-        (d / f).write_bytes(name.encode() * 10)
-        graphs[name] = {"file": f, "files": {f: (d / f).stat().st_size},
-                        "sha256": {f: sha256_file(d / f)},
-                        "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
-                        "outputs": [], "dynamic_axes": {"x": {"0": "batch"}},
-                        "external_data": False}
-    manifest = {"format": FORMAT, "preset": "tiny-4x", "config_hash": "0" * 16,
-                "dtype": "fp32", "parallel_num": 4, "attention": "standard",
-                "limits": {"max_batch": 4, "max_rows": 8, "max_seq": 4608},
-                "sizes": [[256, 896]], "default_size": [256, 896], "cache_slots": None,
-                "source": {"checkpoint": "/nowhere"}, "graphs": graphs}
-    (d / MANIFEST).write_text(json.dumps(manifest))
-    return manifest
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -105,13 +105,14 @@ def sample(
     from ..errors import BitDanceError
     from ..imagenet import checkpoint as imagenet_checkpoint
     from ..imagenet import sample as imagenet_sample
-    from ..imagenet.npz_run import SampleRun, run_sample, shard_from_env
+    from ..imagenet.npz_run import SampleRun, check_out, run_sample, shard_from_env
     from ..imagenet.request import ClassRequest
     from ..runtime.session import resolve_device, resolve_dtype
 
     if backend not in imagenet_sample.BACKENDS:
         raise BitDanceError(f"--backend {backend}: sample runs with --backend "
                             f"{' or '.join(imagenet_sample.BACKENDS)}")
+    out = check_out(out)  # before anything is loaded
     rank, world = shard_from_env(shard)
     if device is None and "LOCAL_RANK" in os.environ:
         import torch

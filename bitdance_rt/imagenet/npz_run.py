@@ -144,6 +144,16 @@ def _check_run(parts: Path, run: SampleRun) -> None:
     _write_atomic(record, lambda tmp: tmp.write_text(json.dumps(want, indent=1)))
 
 
+def check_out(out) -> Path:
+    """``--out`` names a .npz file that is not a directory (checked before any work)."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise BitDanceError(f"--out {out}: name a .npz file (the evaluation suite reads .npz)")
+    if out.is_dir():
+        raise BitDanceError(f"--out {out} is a directory; name a .npz file")
+    return out
+
+
 def run_sample(out, run: SampleRun, generate: Callable[[np.ndarray, int], np.ndarray], *,
                rank: int = 0, world: int = 1,
                progress: Callable[[int, int, float], None] | None = None) -> str:
@@ -153,11 +163,7 @@ def run_sample(out, run: SampleRun, generate: Callable[[np.ndarray, int], np.nda
     total, seconds)`` hears of images done by this process. Returns ``"done"`` (``out``
     written now), ``"finished"`` (it was already there) or ``"waiting"`` (other shards still
     have chunks to make)."""
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise BitDanceError(f"--out {out}: name a .npz file (the evaluation suite reads .npz)")
-    if out.is_dir():
-        raise BitDanceError(f"--out {out} is a directory; name a .npz file")
+    out = check_out(out)
     parts = parts_dir(out)
     if out.is_file():
         if _finished_matches(out, run):
