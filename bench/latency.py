@@ -174,9 +174,9 @@ def main(argv=None):
 
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = dtypes.parse(dtype_name)
-    h, w = check_size(args.height, args.width)
     t0 = time.perf_counter()
     if args.weights == "random":
+        h, w = check_size(args.height, args.width)  # a checkpoint checks its own sizes
         model = random_model(preset(args.preset), dtype=dtype, device=args.device, seed=args.seed)
         if args.recipe:
             from bitdance_rt.calibration.quantize import quantize_model

@@ -348,6 +348,25 @@ def weight_files(ckpt_dir) -> list[Path]:
     return files
 
 
+def weights_size(ckpt_dir, element_bytes: int | None = None, llm_share: float = 1.0) -> int:
+    """Bytes of a checkpoint's weights: as stored, or at ``element_bytes`` bytes per element
+    (what an export in another dtype writes), from the files' headers without loading them;
+    the LLM's files count ``llm_share`` of their size (an export of its first layers)."""
+    import math
+
+    llm = set(_llm_files(Path(ckpt_dir)).values())
+    total = 0.0
+    for path in weight_files(ckpt_dir):
+        if element_bytes is None:
+            size = path.stat().st_size
+        else:
+            with open_safetensors(path) as f:
+                size = element_bytes * sum(math.prod(f.get_slice(k).get_shape())
+                                           for k in f.keys())
+        total += size * (llm_share if path in llm else 1.0)
+    return int(total)
+
+
 def weights_fingerprint(ckpt_dir, samples: int = 16, chunk: int = 4096) -> str:
     """A quick fingerprint of a checkpoint's weights (milliseconds, even at 14B).
 

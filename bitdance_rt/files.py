@@ -13,6 +13,7 @@ of the directory)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -23,7 +24,17 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from . import signals
 from .errors import BitDanceError
+
+# What a temporary name adds to an output's name: ``.NAME.XXXXXXXX.partial`` (files) and
+# ``.NAME.XXXXXXXX.staging`` (directories), so an output's name must be this much shorter than
+# the file system's longest name.
+TEMP_NAME_EXTRA = len("..") + 8 + len(".partial")
+# Free space kept beyond the outputs' expected size (file system metadata, rounding of the
+# estimate, other writers): this much, plus 5% of the size
+SPACE_RESERVE = 1 << 20
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _umask() -> int:
@@ -51,21 +62,116 @@ def check_writable_dir(d: Path) -> None:
         raise BitDanceError(f"{probe} is not writable ({e.strerror})") from None
 
 
+def no_space(e: OSError, path) -> BitDanceError:
+    """The one-line error for a write the disk had no room for."""
+    return BitDanceError(f"no space left for {Path(path).name} in {Path(path).parent} "
+                         f"({e.strerror}); nothing was written: free some space or choose "
+                         "another place")
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """Yields a temporary path beside ``path``; when the block completes it is renamed to
     ``path`` (replacing it), and on any error or interruption it is removed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths):
+    """All or nothing: yields a temporary path beside each of ``paths``; when the block
+    completes they are renamed into place together (a signal waits until all are), and on any
+    error or interruption every temporary file is removed and no output is touched."""
+    paths = [Path(p) for p in paths]
+    tmps = []
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a file's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        for path in paths:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial",
+                                       dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield tmps
+        with signals.held():
+            signals.check()  # an interrupt lost on the way stops the commit
+            for tmp in tmps:  # mkstemp makes it private; give it a file's usual mode
+                os.chmod(tmp, 0o666 & ~_umask())
+            for tmp, path in zip(tmps, paths):
+                os.replace(tmp, path)
+    except BaseException as e:
+        with signals.held():
+            for tmp in tmps:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise no_space(e, paths[min(len(tmps), len(paths)) - 1]) from None
         raise
+
+
+def free_bytes(d: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``d``'s file system."""
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not os.path.lexists(p) and p.parent != p:
+        p = p.parent
+    return p
+
+
+def _name_max(d: Path) -> int:
+    try:
+        return os.pathconf(d, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _mb(n: int) -> str:
+    if n < 10**6:
+        return f"{n / 1e3:,.0f} kB"
+    return f"{n / 1e6:,.1f} MB" if n < 10**9 else f"{n / 1e9:,.2f} GB"
+
+
+def check_room(outputs, what: str = "--out", files: bool = True) -> None:
+    """Before any work: each output (``{path: expected bytes}``; files, or with ``files``
+    False directories) can be put in place: no directory where a file goes, no file where a
+    directory must be made, names the file system can hold with their temporary names, room
+    for all of them on each file system they go to, and write permission. Raises
+    BitDanceError naming the fix."""
+    need = {}
+    for path, size in dict(outputs).items():
+        path = Path(path)
+        base = _nearest_existing(path.parent)
+        if not base.is_dir():
+            raise BitDanceError(f"{base} is a file, so {what} {path} cannot be made there; "
+                                "choose another place")
+        nmax = _name_max(base)
+        rest = Path(os.path.abspath(path)).relative_to(base).parts
+        for i, part in enumerate(rest):
+            extra = TEMP_NAME_EXTRA if i == len(rest) - 1 else 0
+            if len(os.fsencode(part)) + extra > nmax:
+                raise BitDanceError(
+                    f"{what}: the name {_one_line(part, 60)!r} is too long for the file system "
+                    f"({len(os.fsencode(part))} bytes; at most {nmax - extra} here"
+                    f"{', as it is first written under a longer temporary name' if extra else ''}"
+                    "); choose a shorter name")
+        if files and path.is_dir():
+            raise BitDanceError(f"{what} {path} is a directory; name a file")
+        dev = os.stat(base).st_dev
+        need.setdefault(dev, [base, 0])[1] += int(size or 0)
+    for base, n in need.values():
+        try:
+            check_writable_dir(base)
+        except BitDanceError as e:
+            raise BitDanceError(f"cannot write {what}: {e}; choose a writable place") from None
+        if not n:  # nothing known yet of the size: the name and place only
+            continue
+        free = free_bytes(base)
+        if n + n // 20 + SPACE_RESERVE > free:
+            raise BitDanceError(
+                f"not enough free space for {what}: it needs about {_mb(n)} and {base} has "
+                f"{_mb(free)} free; free some space or choose another place")
 
 
 # What an earlier output in a directory consists of: ``owned(d, writes)`` gives the names (entries
@@ -75,12 +181,13 @@ Owned = Callable[[Path, set], set]
 
 
 def check_output_dir(out: Path, what: str, marker: str, owned: Owned | None = None,
-                     writes: set = frozenset()) -> None:
+                     writes: set = frozenset(), size: int = 0) -> None:
     """``out`` may be written by a command that makes a directory of outputs: it is new, empty,
     or an earlier output of the same kind (it holds ``marker``, and ``owned`` can tell its
     files), in which the new output (whose names ``writes`` lists, as far as known before the
-    work) replaces no file the command did not write; and its parent is writable. Checked
-    before the work; :func:`staged_directory` checks again when it puts the result in place."""
+    work) replaces no file the command did not write; and its parent can take about ``size``
+    bytes more (:func:`check_room`). Checked before the work; :func:`staged_directory`
+    checks again when it puts the result in place."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BitDanceError(f"--out {out} is a file; name a new or empty directory")
@@ -96,10 +203,7 @@ def check_output_dir(out: Path, what: str, marker: str, owned: Owned | None = No
                 f"{what}; bitdance-export replaces only its own outputs: name a new or empty "
                 "directory")
         _kept(out, owned, set(writes), what)
-    try:  # the staging directory is made beside out
-        check_writable_dir(out.absolute().parent)
-    except BitDanceError as e:
-        raise BitDanceError(f"cannot write --out {out}: {e}; choose a writable place") from None
+    check_room({out: size}, f"--out {out}", files=False)  # the staging directory: beside out
 
 
 def _kept(final: Path, owned: Owned | None, writes: set, what: str = "output") -> list[str]:
@@ -143,27 +247,33 @@ def staged_directory(final: Path, owned: Owned | None = None, what: str = "outpu
     old, moved = None, []
     try:
         yield stage
-        keep = _kept(final, owned, {p.name for p in stage.iterdir()}, what)
-        if final.exists() or final.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old",
-                                        dir=final.parent))
-            os.replace(final, old)
-        for name in keep:  # the user's files go into the new directory
-            os.rename(old / name, stage / name)
-            moved.append(name)
-        os.replace(stage, final)
-    except BaseException:
-        for name in reversed(moved):  # and back, before anything is removed
-            with contextlib.suppress(OSError):
-                os.rename(stage / name, old / name)
-        if old is not None and not final.exists():
-            os.replace(old, final)  # interrupted between the renames: put it back
-            old = None
-        if old is not None:
-            with contextlib.suppress(OSError):
-                old.rmdir()  # made, but final was never moved there
-        if not any((stage / n).exists() or (stage / n).is_symlink() for n in moved):
-            shutil.rmtree(stage, ignore_errors=True)
+        with signals.held():  # the renames run to their end; a signal is raised after them
+            signals.check()  # an interrupt lost on the way stops the commit
+            keep = _kept(final, owned, {p.name for p in stage.iterdir()}, what)
+            if final.exists() or final.is_symlink():
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old",
+                                            dir=final.parent))
+                os.replace(final, old)
+            for name in keep:  # the user's files go into the new directory
+                os.rename(old / name, stage / name)
+                moved.append(name)
+            os.replace(stage, final)
+    except BaseException as e:
+        with signals.held():
+            for name in reversed(moved):  # and back, before anything is removed
+                with contextlib.suppress(OSError):
+                    os.rename(stage / name, old / name)
+            if old is not None and not final.exists():
+                os.replace(old, final)  # interrupted between the renames: put it back
+                old = None
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    old.rmdir()  # made, but final was never moved there
+            if not any((stage / n).exists() or (stage / n).is_symlink() for n in moved):
+                shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise BitDanceError(f"no space left writing {final} ({e.strerror}); nothing was "
+                                "written: free some space or choose another place") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)  # only what the earlier run wrote is left there

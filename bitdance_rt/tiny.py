@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import BitDanceError
-from .files import check_writable_dir, staged_directory
+from .files import check_room, staged_directory
 from .limits import MAX_SEED
 from .spec import TINY_VOCAB, ModelSpec, preset_mid, preset_tiny
 
@@ -99,6 +99,8 @@ def randomize_(module: nn.Module, gen: torch.Generator) -> None:
 
 
 SIZES = ("tiny", "mid")
+# about the most a checkpoint of each size takes on disk (checked before it is made)
+TINY_BYTES = {"tiny": 32 << 20, "mid": 400 << 20}
 
 
 def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool = False,
@@ -122,10 +124,7 @@ def make_tiny(out_dir, parallel_num: int = 4, seed: int = 0, gan_decoder: bool =
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BitDanceError(f"{out} already exists and is not empty; choose a new directory "
                             "(make-tiny does not write over files)")
-    try:
-        check_writable_dir(out.parent)
-    except BitDanceError as e:
-        raise BitDanceError(f"cannot write {out}: {e}; choose another place") from None
+    check_room({out: TINY_BYTES[size]}, str(out), files=False)
     replace = (lambda old, writes: {p.name for p in old.iterdir()}) if overwrite else None
     with staged_directory(out, replace, "checkpoint") as stage:
         _write_tiny(stage, parallel_num, seed, gan_decoder, size)

@@ -65,6 +65,20 @@ def tiny16_ckpt(tmp_path_factory):
                          SMALL_SIZES_16)
 
 
+# The suite runs in two processes (pytest-xdist, ``-n 2 --dist loadgroup`` in pyproject.toml).
+# Session fixtures are made once per process, so every test that needs the shared export (70 s
+# to make) goes to the same one.
+SHARED_GROUPS = {"tiny_export": "tiny-export"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, group in SHARED_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
 # Random tests take their inputs from a parameter named ``seed`` (a fixed list of seeds:
 # ``@pytest.mark.parametrize("seed", [0, 1, 2])``) and say it in their assertion messages; in
 # case an assertion does not (torch.testing, a helper), a failing test with a ``seed`` parameter

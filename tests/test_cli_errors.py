@@ -63,17 +63,29 @@ def test_png_is_written_atomically_and_readable(tiny_ckpt, tmp_path):
     assert oct((tmp_path / "a_0.png").stat().st_mode & 0o777) != "0o600"
 
 
-def test_interrupted_save_leaves_no_truncated_image(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fail_at", [0, 1, 2])
+def test_interrupted_save_leaves_no_truncated_image(tmp_path, monkeypatch, fail_at):
+    """A set of images is saved all or nothing: an interrupt while writing any of them leaves
+    neither a truncated image nor the ones written before it (nor their earlier versions
+    changed)."""
     from bitdance_rt.runtime import images
 
-    def slow_save(self, fp, *a, **k):
-        Path(fp).write_bytes(b"\x89PNG partial")
-        raise KeyboardInterrupt
+    (tmp_path / "out_2.png").write_bytes(b"earlier")
+    real, calls = Image.Image.save, []
 
-    monkeypatch.setattr(Image.Image, "save", slow_save)
+    def save(self, fp, *a, **k):
+        calls.append(fp)
+        if len(calls) == fail_at + 1:
+            Path(fp).write_bytes(b"\x89PNG partial")
+            raise KeyboardInterrupt
+        return real(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    paths = [tmp_path / f"out_{i}.png" for i in range(3)]
     with pytest.raises(KeyboardInterrupt):
-        images.save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "out.png", {})
-    assert list(tmp_path.iterdir()) == []
+        images.save_pngs(np.zeros((3, 4, 4, 3), np.uint8), paths, {})
+    assert [p.name for p in tmp_path.iterdir()] == ["out_2.png"], fail_at
+    assert (tmp_path / "out_2.png").read_bytes() == b"earlier"
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tiny_ckpt, tmp_path):

@@ -30,7 +30,8 @@ def test_generate_with_no_options_runs_the_demo_model_at_its_defaults(tmp_path):
     prompt = "a blue square at the top, on a yellow background"
     r = run("generate", "--prompt", prompt, "--out", str(tmp_path / "a.png"), "--no-progress")
     assert r.exit_code == 0, r.output
-    assert "built-in demo model" in r.output and "triangle" in r.output  # says which words
+    assert "built-in demo model" in r.output and "a vocabulary of" in r.output
+    assert "triangle" not in r.output.splitlines()[0]  # the words only for words it lacks
     assert "warning" not in r.output
     img = Image.open(tmp_path / "a.png")
     assert img.size == (d["width"], d["height"])
@@ -97,7 +98,7 @@ def test_score_dataset_images_and_wrong_captions(tmp_path, seed):
     ("not-an-image", "not a readable image"),
     ("no-prompt", "records no prompt"),
     ("bad-caption", "cannot read the caption"),
-    ("json-in-a-file", "is a file, not a directory"),
+    ("json-in-a-file", "is a file, so --json"),
     ("json-is-a-directory", "is a directory; name a file"),
 ])
 def test_score_errors_are_one_line(tmp_path, case, words):
@@ -114,3 +115,23 @@ def test_score_errors_are_one_line(tmp_path, case, words):
     r = run("score", *args)
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_score_goes_on_past_images_it_cannot_score(tmp_path):
+    """A caption outside the grammar, a missing file and an image without a prompt do not stop
+    the batch: each is named with its reason, the others are scored (also in the JSON), and
+    the command ends with one error line (exit 2)."""
+    img, caption, _ = shapes.sample(3, 64)
+    good = save(tmp_path / "good.png", img, caption)
+    args = [save(tmp_path / "dog.png", img, "a dog on a sofa"), good,
+            str(tmp_path / "missing.png"), save(tmp_path / "bare.png", img)]
+    r = run("score", *args, "--json", str(tmp_path / "s.json"))
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert [line for line in lines if line.startswith("error:")] == [
+        "error: 3 of 4 images were not scored (named above); the results are the others'"]
+    assert sum(": not scored: " in line for line in lines) == 3, r.output
+    assert any(line.startswith(f"{good}: background") for line in lines), r.output
+    rows = json.loads((tmp_path / "s.json").read_text())["images"]
+    assert [row["image"] for row in rows if "error" not in row] == [good]
+    assert len([row for row in rows if "error" in row]) == 3

@@ -232,6 +232,23 @@ def test_generate_cli_onnxruntime(export_dir, tiny_ckpt, torch_image, tmp_path):
     assert identical_fraction(image, torch_image[0]) >= 0.999
 
 
+def test_generate_without_checkpoint_uses_the_exports_source(export_dir, tiny_ckpt, tmp_path):
+    """--export-dir without --checkpoint: the checkpoint the manifest records (still there),
+    said in one line; the same image as with -c."""
+    args = ["generate", "-p", "x", "--height", "64", "--width", "96", "--steps", "1",
+            "--backend", "onnxruntime", "--export-dir", str(export_dir), "--no-progress"]
+    r = CliRunner().invoke(rt_app, [*args, "--out", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    assert f"using {tiny_ckpt.resolve()}, the checkpoint {export_dir} was exported from" \
+        in r.output
+    r = CliRunner().invoke(rt_app, [*args, "-c", str(tiny_ckpt), "--out", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    from PIL import Image
+
+    assert np.array_equal(np.array(Image.open(tmp_path / "a.png")),
+                          np.array(Image.open(tmp_path / "b.png")))
+
+
 def test_refuses_another_models_export(export_dir, tiny16_ckpt, tiny_ckpt, tmp_path):
     with pytest.raises(EngineError, match="exported from another model"):
         OnnxRuntimeBackend(load_checkpoint(tiny16_ckpt), export_dir)

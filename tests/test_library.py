@@ -26,23 +26,28 @@ A = GenerationRequest("a small red boat on a calm lake at dawn", 128, 256, steps
 B = GenerationRequest("fox", 128, 256, steps=2, guidance=3.0, seed=12345, num_images=2)
 
 
-def _alone_in_subprocess(ckpt, req, out):
-    """Generate ``req`` in a fresh process (nothing else ever ran there) and save the array."""
-    code = (
-        "import sys, numpy as np; from bitdance_rt.request import GenerationRequest; "
-        "from bitdance_rt.runtime.session import Session; "
-        f"r = GenerationRequest(**{req.__dict__!r}); "
-        f"s = Session.open({str(ckpt)!r}, device='cpu'); "
-        f"np.save({str(out)!r}, s.generate(r)[0].numpy())")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
-    return np.load(out)
+def _alone_in_subprocesses(ckpt, reqs, tmp_path):
+    """Generate each of ``reqs`` in a fresh process of its own (nothing else ever ran there),
+    the processes at once; their arrays by seed."""
+    procs = {}
+    for req in reqs:
+        out = tmp_path / f"{req.seed}.npy"
+        code = (
+            "import sys, numpy as np; from bitdance_rt.request import GenerationRequest; "
+            "from bitdance_rt.runtime.session import Session; "
+            f"r = GenerationRequest(**{req.__dict__!r}); "
+            f"s = Session.open({str(ckpt)!r}, device='cpu'); "
+            f"np.save({str(out)!r}, s.generate(r)[0].numpy())")
+        procs[req.seed] = (subprocess.Popen([sys.executable, "-c", code], cwd=ROOT), out)
+    for proc, _ in procs.values():
+        assert proc.wait(timeout=300) == 0
+    return {seed: np.load(out) for seed, (_, out) in procs.items()}
 
 
 def test_requests_in_one_process_equal_separate_processes(tiny16_ckpt, tmp_path):
     """Two generations in one process (different prompts, prompt lengths, seeds and image
     counts), in either order, give the PNG data two separate processes give."""
-    alone = {r.seed: _alone_in_subprocess(tiny16_ckpt, r, tmp_path / f"{r.seed}.npy")
-             for r in (A, B)}
+    alone = _alone_in_subprocesses(tiny16_ckpt, (A, B), tmp_path)
     session = Session.open(tiny16_ckpt, device="cpu")
     for order in ((A, B), (B, A)):
         for r in order:

@@ -41,7 +41,8 @@ def tiny64_ckpt(tmp_path_factory):
 CASES = [  # (fixture, height, width, guidance, images)
     pytest.param("tiny_ckpt", 256, 896, 4.0, 1, marks=pytest.mark.slow),
     pytest.param("tiny_ckpt", 256, 896, 1.0, 1, marks=pytest.mark.slow),
-    ("tiny16_ckpt", 256, 1024, 3.0, 2),
+    ("tiny16_ckpt", 256, 1024, 3.0, 1),  # batches: tests/test_sweep.py, test_library.py
+    pytest.param("tiny16_ckpt", 256, 1024, 3.0, 2, marks=pytest.mark.slow),
     pytest.param("tiny16_ckpt", 256, 1024, 1.0, 2, marks=pytest.mark.slow),
     ("tiny64_ckpt", 512, 512, 7.5, 1),
     pytest.param("tiny64_ckpt", 512, 512, 1.0, 2, marks=pytest.mark.slow),
@@ -207,11 +208,13 @@ def test_cli_backends_agree(tiny_ckpt, tmp_path):
     assert r.exit_code == 2 and "unknown --backend" in r.output
 
 
-def test_bench_json_shape(tmp_path):
+def test_bench_json_shape(tiny_ckpt, tmp_path):
+    """bench/latency.py on a checkpoint at one of its small sizes (6 blocks): its JSON."""
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "latency.py"), "--preset", "tiny",
-                        "--weights", "random", "--backends", "reference,torch", "--height", "256",
-                        "--width", "896", "--steps", "1", "--warmup", "0", "--replay", "2",
+                        "--weights", str(tiny_ckpt), "--backends", "reference,torch",
+                        "--height", "64", "--width", "96", "--steps", "1", "--warmup", "0",
+                        "--replay", "2",
                         "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -5,12 +5,14 @@ TensorRT-RTX (``pip install tensorrt-rtx-cu12``, installed by the test extra) bu
 without a GPU, so every build here is real. Running an engine needs a CUDA GPU that one of the
 engine's targets covers: those tests are marked ``gpu`` and ``trt`` and skip without one.
 
-One one-shot export of the tiny P = 4 checkpoint (``--engines``: native graphs, then engines)
-serves the module; without TensorRT the ONNX Runtime tests of the native graphs run on the same
-export without engines (``--attention native`` needs no TensorRT). The slow tests add every form
-(P = 4 and 16, standard and native, fp32, fp16 and bf16), the image-level agreement at the sizes
-of the acceptance, and the full-width 14B. Random inputs come from the fixed seeds of a ``seed``
-parameter, named in the assertion messages (and by conftest's report of a failure).
+The default suite builds engines from the session's shared standard export (a copy of it:
+`bitdance-export build`, seconds) for everything about engines.json and what build and the
+runtime refuse, and exports the native block step alone to run it in ONNX Runtime. The slow
+tests add the one-shot export with engines (``--engines``: native graphs, then engines), the
+whole native export through ONNX Runtime and `check`, every form (P = 4 and 16, standard and
+native, fp32, fp16 and bf16), the image-level agreement at the sizes of the acceptance, and the
+full-width 14B. Random inputs come from the fixed seeds of a ``seed`` parameter, named in the
+assertion messages (and by conftest's report of a failure).
 """
 
 import json
@@ -158,6 +160,20 @@ def native4_graphs(tiny_ckpt, tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
+def engines4(tiny_export, tmp_path_factory):
+    """A copy of the session's standard export with its engines (`bitdance-export build`)."""
+    if not TRT_OK:
+        pytest.skip(f"needs TensorRT or TensorRT-RTX: {TRT_WHY}")
+    out = tmp_path_factory.mktemp("engines4") / "export"
+    shutil.copytree(tiny_export, out)
+    r = run(export_app, "build", out)
+    assert r.exit_code == 0, r.output
+    for name in GRAPHS:
+        assert f"] {name}: {name}.engine" in r.output
+    return out
+
+
+@pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
     return load_checkpoint(tiny_ckpt)
 
@@ -168,39 +184,100 @@ def copy_of(d, tmp_path):
     return dst
 
 
-@needs_trt
-def test_engines_json_records_what_was_built(native4):
-    m = json.loads((native4 / "manifest.json").read_text())
-    assert m["attention"] == "native" and m["opset"] == 24 and m["cache_slots"] == MAX_SEQ
-    e = native4 / "engines"
+def check_engines_json(d):
+    """engines.json of ``d/engines`` records what was built: the flavor and targets, the export
+    (its manifest and ONNX hashes), every engine's file, size and hash, and the profiles the
+    manifest's limits ask for."""
+    m = json.loads((d / "manifest.json").read_text())
+    e = d / "engines"
     info = json.loads((e / "engines.json").read_text())
     flavor = trt_compat.load()
     assert info["flavor"] == flavor.name and info["version"] == flavor.version
     if flavor.rtx:
         assert info["targets"] == list(trt_compat.RTX_DEFAULT_TARGETS)
-    assert info["attention"] == "native" and info["dtype"] == "fp32"
+    assert info["attention"] == m["attention"] and info["dtype"] == "fp32"
+    assert info["cache_slots"] == m.get("cache_slots")
     assert info["export"]["dir"] == ".."
-    assert info["export"]["manifest_sha256"] == sha256_file(native4 / "manifest.json")
-    assert (e / "manifest.json").read_bytes() == (native4 / "manifest.json").read_bytes()
-    assert info["export"]["onnx_sha256"] == {f"{n}.onnx": sha256_file(native4 / f"{n}.onnx")
+    assert info["export"]["manifest_sha256"] == sha256_file(d / "manifest.json")
+    assert (e / "manifest.json").read_bytes() == (d / "manifest.json").read_bytes()
+    assert info["export"]["onnx_sha256"] == {f"{n}.onnx": sha256_file(d / f"{n}.onnx")
                                               for n in GRAPHS}
     for name in GRAPHS:
         entry = info["engines"][name]
         assert entry["sha256"] == sha256_file(e / entry["file"])
         assert entry["bytes"] == (e / entry["file"]).stat().st_size and entry["build_s"] > 0
+    seq, rows = m["limits"]["max_seq"], m["limits"]["max_rows"]
     prof = info["engines"]["block_step"]["profile"]
-    assert prof["k_cache_0"] == {"min": [1, 2, MAX_SEQ, 32], "opt": [2, 2, MAX_SEQ, 32],
-                                 "max": [8, 2, MAX_SEQ, 32]}
-    assert prof["tokens"]["max"] == [4, 4, 32]
+    if m["attention"] == "native":
+        assert prof["k_cache_0"] == {"min": [1, 2, seq, 32], "opt": [2, 2, seq, 32],
+                                     "max": [rows, 2, seq, 32]}
+    else:  # (layers, rows, kv heads, positions, head dim)
+        assert prof["k_cache"]["min"] == [2, 1, 2, 1, 32]
+        assert prof["k_cache"]["max"] == [2, rows, 2, seq, 32]
+    assert prof["tokens"]["max"] == [m["limits"]["max_batch"], 4, 32]
     dec = info["engines"]["decoder"]["profile"]["latent"]
     hs, ws = [h // 16 for h, _ in m["sizes"]], [w // 16 for _, w in m["sizes"]]
     assert dec == {"min": [1, 32, min(hs), min(ws)], "opt": [1, 32, 64, 64],
-                   "max": [4, 32, max(hs), max(ws)]}
-    assert max(hs) == max(ws) == 64  # 1024x256 and 256x1024: 1024 tokens
+                   "max": [m["limits"]["max_batch"], 32, max(hs), max(ws)]}
     assert info["engines"]["head_prepare"]["profile"]["times"]["max"] == [51]
-    assert info["engines"]["prefill"]["profile"]["input_ids"]["max"] == [8, MAX_SEQ - 4]
+    assert info["engines"]["prefill"]["profile"]["input_ids"]["max"] == [rows, seq - 4]
+    return m
 
 
+@needs_trt
+def test_engines_json_records_what_was_built(engines4):
+    m = check_engines_json(engines4)
+    assert m["attention"] == "standard" and m.get("cache_slots") is None
+
+
+@needs_trt
+@pytest.mark.slow
+def test_one_shot_native_export_with_engines(native4):
+    """``bitdance-export --engines``: native graphs (opset 24, a static cache of --max-seq
+    slots) and their engines, in one command."""
+    m = check_engines_json(native4)
+    assert m["attention"] == "native" and m["opset"] == 24 and m["cache_slots"] == MAX_SEQ
+    hs, ws = [h // 16 for h, _ in m["sizes"]], [w // 16 for _, w in m["sizes"]]
+    assert max(hs) == max(ws) == 64  # 1024x256 and 256x1024 (1024 tokens) fit MAX_SEQ
+
+
+@pytest.mark.parametrize("seed", [5])
+def test_native_block_step_runs_in_onnxruntime(tiny_ckpt, tmp_path, seed):
+    """The native block step alone (its static caches, written in place by TensorScatter):
+    exported as the exporter does and run in ONNX Runtime, it gives the outputs of the module it
+    was exported from, on the module's example inputs with random cache contents and lengths
+    (the whole native export, `check` and images: -m slow)."""
+    import onnxruntime as ort
+
+    from bitdance_rt.export.attention import attention_opset, attention_translations
+    from bitdance_rt.export.common import OPSET, export_onnx
+    from bitdance_rt.export.exporter import graph_defs
+
+    model = load_checkpoint(tiny_ckpt)
+    gdef = graph_defs(model, "native", 64)["block_step"]()
+    files = export_onnx(gdef, tmp_path, attention_opset("native", OPSET),
+                        attention_translations("native"))
+    gen = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for name, t in gdef.example.items():
+        if t.is_floating_point():
+            feeds[name] = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        else:  # lengths: rows at different places in the cache
+            feeds[name] = torch.randint(1, 40, t.shape, generator=gen, dtype=t.dtype)
+    with torch.no_grad():
+        want = gdef.module(*[v.clone() for v in feeds.values()])
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    sess = ort.InferenceSession(str(tmp_path / files[0]), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
+    assert [o.name for o in sess.get_outputs()] == list(gdef.outputs)
+    assert len(got) == len(want)
+    for name, g, w in zip(gdef.outputs, got, want):
+        w = w.float()
+        err = (torch.from_numpy(g).float() - w).abs().max().item()
+        assert err <= 1e-4 * max(1.0, w.abs().max().item()), f"seed {seed}: {name} {err}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [4])
 def test_native_graphs_pass_check(native4_graphs, seed):
     rows, _ = check_export(native4_graphs, seed=seed)
@@ -222,6 +299,7 @@ def small_plan(model, guidance, images=1, h=4, w=8):
                      guidance=guidance)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [11])
 def test_native_onnxruntime_matches_torch(native4_graphs, tiny_model, tiny_ckpt, seed):
     """The native graphs in ONNX Runtime (caches bound in place) give the torch backend's
@@ -240,7 +318,7 @@ def test_native_onnxruntime_matches_torch(native4_graphs, tiny_model, tiny_ckpt,
 
 
 @pytest.mark.parametrize("seed", [12])
-def test_head_prepare_in_slices_of_one_size_matches_one_call(native4_graphs, tiny_ckpt, seed):
+def test_head_prepare_in_slices_of_one_size_matches_one_call(tiny_export, tiny_ckpt, seed):
     """An engine that takes fewer step times per head_prepare call than N + 1 gets slices of
     one size (the last overlapping the one before): the same tokens as one call (ONNX Runtime
     here, whose graph takes any number)."""
@@ -248,8 +326,8 @@ def test_head_prepare_in_slices_of_one_size_matches_one_call(native4_graphs, tin
 
     spec_only = load_checkpoint(tiny_ckpt, weights=False)
     plan = small_plan(spec_only, 3.0, h=4, w=4)  # N = 2: 3 step times
-    whole = generate_tokens(OnnxRuntimeBackend(spec_only, native4_graphs), plan, seed)
-    sliced_be = OnnxRuntimeBackend(spec_only, native4_graphs)
+    whole = generate_tokens(OnnxRuntimeBackend(spec_only, tiny_export), plan, seed)
+    sliced_be = OnnxRuntimeBackend(spec_only, tiny_export)
     sliced_be.max_steps_per_call = 2
     sizes, run_graph = [], sliced_be._run
 
@@ -281,10 +359,10 @@ def generate_trt(ckpt, engine_dir, tmp_path):
 
 
 @needs_trt
-def test_runtime_refuses_changed_files(native4, tiny_ckpt, tmp_path):
+def test_runtime_refuses_changed_files(engines4, tiny_ckpt, tmp_path):
     """A changed ONNX file, export manifest, engine file or engine-side manifest copy: exit 2
     before any CUDA work, naming the file and the fix; a clean copy gets as far as the GPU."""
-    d = copy_of(native4, tmp_path)
+    d = copy_of(engines4, tmp_path)
     if not torch.cuda.is_available():  # every check passes; then the device is refused
         r = generate_trt(tiny_ckpt, d, tmp_path)  # the export directory finds its engines/
         assert r.exit_code == 2 and "--backend tensorrt runs on a CUDA GPU" in r.output
@@ -295,20 +373,20 @@ def test_runtime_refuses_changed_files(native4, tiny_ckpt, tmp_path):
     assert "re-run `bitdance-export` into" in r.output and "rebuild the engines" in r.output
     r = run(export_app, "build", d)
     assert r.exit_code == 2 and "head_step.onnx has changed" in r.output
-    shutil.copy(native4 / "head_step.onnx", d / "head_step.onnx")
+    shutil.copy(engines4 / "head_step.onnx", d / "head_step.onnx")
 
     m = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps({**m, "created": "later"}))
     r = generate_trt(tiny_ckpt, d, tmp_path)
     assert r.exit_code == 2 and "built from an earlier export" in r.output
     assert f"bitdance-export build {d.resolve()}" in r.output
-    shutil.copy(native4 / "manifest.json", d / "manifest.json")
+    shutil.copy(engines4 / "manifest.json", d / "manifest.json")
 
     flip(d / "engines" / "block_step.engine")
     r = generate_trt(tiny_ckpt, d, tmp_path)
     assert r.exit_code == 2 and "engine file" in r.output and "block_step.engine" in r.output
     assert "rebuild them with `bitdance-export build" in r.output
-    shutil.copy(native4 / "engines" / "block_step.engine", d / "engines" / "block_step.engine")
+    shutil.copy(engines4 / "engines" / "block_step.engine", d / "engines" / "block_step.engine")
 
     (d / "engines" / "manifest.json").write_text("{}")
     r = generate_trt(tiny_ckpt, d, tmp_path)
@@ -317,17 +395,17 @@ def test_runtime_refuses_changed_files(native4, tiny_ckpt, tmp_path):
 
 
 @needs_trt
-def test_runtime_refuses_other_models_versions_and_gpus(native4, tiny_ckpt, tiny16_ckpt,
+def test_runtime_refuses_other_models_versions_and_gpus(engines4, tiny_ckpt, tiny16_ckpt,
                                                          tmp_path):
     from bitdance_rt.runtime.backends.tensorrt_backend import check_runtime
     from bitdance_rt.tiny import make_tiny
 
-    r = generate_trt(tiny16_ckpt, native4, tmp_path)
+    r = generate_trt(tiny16_ckpt, engines4, tmp_path)
     assert r.exit_code == 2 and "exported from another model" in r.output
     other = make_tiny(tmp_path / "other", parallel_num=4, seed=9)
-    r = generate_trt(other, native4, tmp_path)
+    r = generate_trt(other, engines4, tmp_path)
     assert r.exit_code == 2 and "other weights" in r.output
-    d = copy_of(native4, tmp_path)
+    d = copy_of(engines4, tmp_path)
     info = json.loads((d / "engines" / "engines.json").read_text())
     (d / "engines" / "engines.json").write_text(json.dumps({**info, "version": "0.9.0"}))
     r = generate_trt(tiny_ckpt, d, tmp_path)
@@ -352,10 +430,10 @@ def test_runtime_refuses_other_models_versions_and_gpus(native4, tiny_ckpt, tiny
 
 
 @needs_trt
-def test_build_refusals(native4, tiny_ckpt, tmp_path):
+def test_build_refusals(engines4, tiny_ckpt, tmp_path):
     flavor = trt_compat.load()
     if flavor.rtx:
-        r = run(export_app, "build", native4, "--target", "sm90", "--out", tmp_path / "e")
+        r = run(export_app, "build", engines4, "--target", "sm90", "--out", tmp_path / "e")
         assert r.exit_code == 2 and "cannot build for sm90" in r.output
         assert "datacenter TensorRT" in r.output
         # --attention plugin: refused before the weights load
@@ -363,16 +441,16 @@ def test_build_refusals(native4, tiny_ckpt, tmp_path):
                 "--attention", "plugin")
         assert r.exit_code == 2 and "--attention plugin needs TensorRT plugin layers" in r.output
         assert "--attention native" in r.output and not (tmp_path / "p").exists()
-    r = run(export_app, "build", native4, "--target", "sm61")
+    r = run(export_app, "build", engines4, "--target", "sm61")
     assert r.exit_code == 2 and "unknown --target" in r.output
-    r = run(export_app, "build", native4, "--opt-size", "100x100")
+    r = run(export_app, "build", engines4, "--opt-size", "100x100")
     assert r.exit_code == 2 and "--opt-size" in r.output
-    r = run(export_app, "build", native4, "--trt", "cuda")
+    r = run(export_app, "build", engines4, "--trt", "cuda")
     assert r.exit_code == 2 and "unknown TensorRT flavor" in r.output
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
-    r = run(export_app, "build", native4, "--out", junk)
+    r = run(export_app, "build", engines4, "--out", junk)
     assert r.exit_code == 2 and "holds no engines.json" in r.output
     assert [p.name for p in junk.iterdir()] == ["notes.txt"]
     r = run(export_app, "build", tmp_path / "nowhere")
@@ -399,12 +477,12 @@ def test_missing_tensorrt_names_both_install_routes(monkeypatch):
 
 
 @needs_trt
-def test_build_is_staged_and_targets(native4, tmp_path, monkeypatch):
+def test_build_is_staged_and_targets(engines4, tmp_path, monkeypatch):
     """`build` into an existing engine directory that fails on the third engine leaves the
     previous engines as they were; an explicit target is recorded."""
     from bitdance_rt.export import build
 
-    d = copy_of(native4, tmp_path)
+    d = copy_of(engines4, tmp_path)
     e = d / "engines"
     before = {p.name: p.read_bytes() for p in e.iterdir()}
     real, calls = build.build_engine, []

@@ -112,7 +112,7 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
                         progress: Callable[[str], None] | None = None) -> dict:
     """Write the ``recipe_name`` quantization of the float checkpoint ``ckpt_dir`` to
     ``out_dir``; returns the layout written (``quantization.json``)."""
-    from ..checkpoint import _llm_files, read_spec, weights_fingerprint
+    from ..checkpoint import _llm_files, read_spec, weights_fingerprint, weights_size
     from ..models.head import DiffusionHead
     from ..models.qwen3 import Qwen3ForCausalLM
 
@@ -133,7 +133,8 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
         raise BitDanceError(f"recipe {recipe.name} quantizes activations with calibrated "
                             "scales: pass --calibration FILE (from `bitdance-export "
                             f"calibrate --checkpoint {src} --out FILE`)")
-    check_output_dir(out, "quantized checkpoint", LAYOUT_FILE, quantized_files)
+    check_output_dir(out, "quantized checkpoint", LAYOUT_FILE, quantized_files,
+                     size=weights_size(src))
     say = progress or (lambda line: None)
     with torch.device("meta"):
         names = {LLM: set(quantized_names(LLM, Qwen3ForCausalLM(spec.llm))),

@@ -180,10 +180,12 @@ class _Recorder:
 def collect(model, ckpt_dir, prompts: list[str], steps: int | None = None,
             height: int | None = None, width: int | None = None,
             guidance: float | None = None, seed: int = 0,
-            on_step: Callable[[int, int], None] | None = None) -> Calibration:
+            on_step: Callable[[int, int], None] | None = None,
+            on_first: Callable[[float, int], None] | None = None) -> Calibration:
     """Run one generation per prompt (seed ``seed + i``) and record the statistics of
     ``model`` (loaded from ``ckpt_dir``, whose weights fingerprint the file records).
-    ``on_step(done, total)`` counts image blocks over all prompts."""
+    ``on_step(done, total)`` counts image blocks over all prompts; ``on_first(seconds,
+    prompts)`` hears how long the first prompt took."""
     from ..checkpoint import weights_fingerprint
     from ..models.quant import QuantLinear
     from ..request import GenerationRequest, plan_for
@@ -209,6 +211,8 @@ def collect(model, ckpt_dir, prompts: list[str], steps: int | None = None,
         for i, (req, plan) in enumerate(zip(reqs, plans)):
             step = (lambda done, _n, i=i: on_step(i * blocks + done, total)) if on_step else None
             generate(backend, plan, req.seed, on_step=step)
+            if i == 0 and on_first:
+                on_first(time.perf_counter() - t0, len(plans))
     finally:
         recorder.close()
     first = reqs[0]
@@ -221,6 +225,11 @@ def collect(model, ckpt_dir, prompts: list[str], steps: int | None = None,
             "seconds": round(time.perf_counter() - t0, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return Calibration(meta, recorder.amax, recorder.channel_max)
+
+
+CALIBRATION_STEPS = 25  # the default head steps of a calibration run
+# About the largest calibration file (the 14B: a maximum per input channel of every layer)
+CALIBRATION_BYTES = 8 << 20
 
 
 def check_calibration_out(out: Path) -> None:
@@ -245,17 +254,20 @@ def check_calibration_out(out: Path) -> None:
 
 def calibrate_checkpoint(ckpt_dir, out, prompts: list[str], steps=None, height=None, width=None,
                          guidance=None, seed: int = 0, device=None, dtype=None,
-                         on_step=None) -> Calibration:
+                         on_step=None, on_first=None) -> Calibration:
     """Load ``ckpt_dir`` (default device: CUDA when present; float32 on the CPU, bf16 on
     CUDA), collect the statistics and write them to ``out``."""
     from ..checkpoint import load_checkpoint
-    from ..files import check_writable_dir
+    from ..files import check_room
     from ..runtime.session import resolve_device, resolve_dtype
 
     check_calibration_out(Path(out))
-    check_writable_dir(Path(out).parent)
+    check_room({Path(out): CALIBRATION_BYTES}, "--out")
     dev = resolve_device(device)
     model = load_checkpoint(ckpt_dir, dtype=resolve_dtype(dtype, dev), device=dev)
-    calib = collect(model, ckpt_dir, prompts, steps, height, width, guidance, seed, on_step)
+    if steps is None:  # enough steps to visit the head's range of times, not the model's 50
+        steps = min(CALIBRATION_STEPS, model.spec.info.defaults.steps)
+    calib = collect(model, ckpt_dir, prompts, steps, height, width, guidance, seed, on_step,
+                    on_first)
     calib.save(out)
     return calib

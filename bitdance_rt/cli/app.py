@@ -16,8 +16,9 @@ import sys
 
 import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
+from .. import signals
 from ..errors import BitDanceError
 
 DEBUG = {"on": False}
@@ -34,6 +35,23 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
+def signal_name(code: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(code - 128).name
+    except ValueError:
+        return f"signal {code - 128}"
+
+
+def _interrupted(e: BaseException):
+    """Say that a signal stopped the command, in one line, and exit 128 + its number."""
+    signum = signals.received()
+    code = signals.exit_code(e) if signum is None else 128 + signum
+    typer.echo("interrupted" if code == 130 else f"interrupted ({signal_name(code)})", err=True)
+    sys.exit(code)
+
+
 def internal_error(e: BaseException):
     """Say that ``e`` is a bug in one line, and exit 1."""
     first = (str(e).strip().splitlines() or [""])[0]
@@ -45,18 +63,30 @@ def internal_error(e: BaseException):
 class Commands(TyperGroup):
     """The CLI's error policy (see the module docstring), wrapped around every command."""
 
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:  # typer turns it into a silent exit 130: say it once
-            typer.echo("interrupted", err=True)
-            raise
-
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         DEBUG["on"] = bool(os.environ.get("BITDANCE_DEBUG"))
+        with signals.handled():  # SIGINT and SIGTERM: one line and 128 + the signal, any time
+            try:
+                self._main(*args, **kwargs)
+            except KeyboardInterrupt as e:  # while an error was being reported
+                sys.stderr.write("interrupted\n")
+                sys.exit(signals.exit_code(e))
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:  # typer turns it into a silent exit 130: remember it
+            self._stopped = e
+            raise
+
+    def _main(self, *args, **kwargs):
+        self._stopped = None
         try:
             result = super().main(*args, **kwargs)
+            if self._stopped is not None:
+                _interrupted(self._stopped)
+            signals.check()  # an interrupt that was lost on the way still stops with its code
         except BitDanceError as e:
             if DEBUG["on"]:
                 raise
@@ -77,19 +107,29 @@ class Commands(TyperGroup):
             typer.echo("error: out of memory; ask for fewer or smaller images, or free memory",
                        err=True)
             sys.exit(2)
-        except _ABORT:
-            typer.echo("interrupted", err=True)
-            sys.exit(130)
+        except _ABORT as e:
+            _interrupted(e)
         except _USAGE as e:  # wrong options or values: click's usage message, exit 2
             e.show()
             sys.exit(e.exit_code)
         except _EXIT as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # typer's silent exit 130 for it
+                _interrupted(e.__cause__)
             sys.exit(e.exit_code)
         except Exception as e:  # a bug: one line unless --debug
             if DEBUG["on"]:
                 raise
             internal_error(e)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+class Command(TyperCommand):
+    """A command whose usage line names its arguments plainly (``EXPORT_DIR``, not typer's
+    ``{EXPORT_DIR}``, which reads as a placeholder left in the text)."""
+
+    def collect_usage_pieces(self, ctx):
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p.replace("{", "")
+                .replace("}", "") for p in super().collect_usage_pieces(ctx)]
 
 
 rt_app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True,

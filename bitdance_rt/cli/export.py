@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import BitDanceError
-from .app import DEBUG_OPTION, export_app
+from .app import DEBUG_OPTION, Command, export_app
 
 
 EXPORT_HELP = """Export a BitDance checkpoint to ONNX graphs (prefill, block_step,
@@ -110,9 +110,9 @@ def export_main(
                + f") in {time.perf_counter() - start:.1f}s")
 
 
-@export_app.command("build")
+@export_app.command("build", cls=Command)
 def build_cmd(
-    export_dir: Path = typer.Argument(..., help="Directory written by bitdance-export."),
+    export_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="Directory written by bitdance-export."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Engine directory (default: "
                                        "EXPORT_DIR/engines; replaced only when complete)."),
     target: str = typer.Option("auto", help="auto, sm75, sm80, sm86, sm89, sm90, sm100, sm120 "
@@ -145,9 +145,9 @@ def build_cmd(
                f"{time.perf_counter() - start:.1f}s")
 
 
-@export_app.command("check")
+@export_app.command("check", cls=Command)
 def check_cmd(
-    engine_dir: Path = typer.Argument(..., help="Directory written by bitdance-export."),
+    engine_dir: Path = typer.Argument(..., metavar="EXPORT_DIR", help="Directory written by bitdance-export."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c", help="The checkpoint it was exported from (default: the "
         "one recorded in its manifest)."),
@@ -168,9 +168,9 @@ def check_cmd(
         raise typer.Exit(1)
 
 
-@export_app.command("make-tiny")
+@export_app.command("make-tiny", cls=Command)
 def make_tiny_cmd(
-    out_dir: Optional[Path] = typer.Argument(None, help="Directory to write the checkpoint "
+    out_dir: Optional[Path] = typer.Argument(None, metavar="OUT_DIR", help="Directory to write the checkpoint "
                                              "into (or --out)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="The same as OUT_DIR."),
     family: str = typer.Option("t2i", "--family", help="t2i (text-to-image, the released "
@@ -230,9 +230,9 @@ def _make_tiny_imagenet(out_dir: Path, family: str, parallel_num, seed, gan_deco
                "step; the authors' .pt files in pt/)")
 
 
-@export_app.command("convert")
+@export_app.command("convert", cls=Command)
 def convert_cmd(
-    model_pt: Path = typer.Argument(..., help="A released ImageNet model checkpoint "
+    model_pt: Path = typer.Argument(..., metavar="MODEL_PT", help="A released ImageNet model checkpoint "
                                     "(BitDance_B_1x.pt, ...)."),
     autoencoder: Optional[Path] = typer.Option(
         None, "--autoencoder", "-a", help="The released autoencoder (ae_d16c32.pt), loaded "

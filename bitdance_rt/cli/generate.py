@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..limits import DEFAULT_SEED
-from .app import DEBUG_OPTION, rt_app
+from .app import DEBUG_OPTION, Command, rt_app
 
 
 def progress_bar(label: str, enabled: bool = True):
@@ -25,15 +25,18 @@ def progress_bar(label: str, enabled: bool = True):
             tenth = 10 * done // total
             if tenth != state["last"]:
                 state["last"] = tenth
-                print(f"{label} {done}/{total} {time.perf_counter() - state['t0']:.1f}s",
-                      file=sys.stderr, flush=True)
+                spent = time.perf_counter() - state["t0"]
+                left = f", about {spent * (total - done) / done:.0f}s left" \
+                    if 0 < done < total else ""
+                print(f"{label} {done}/{total} {spent:.1f}s{left}", file=sys.stderr, flush=True)
         return plain
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     bar = Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=Console(stderr=True), transient=False)
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
     task = {}
 
     def update(done, total):
@@ -48,7 +51,7 @@ def progress_bar(label: str, enabled: bool = True):
 
 
 
-@rt_app.command()
+@rt_app.command(cls=Command)
 def generate(
     ctx: typer.Context,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to draw "
@@ -101,9 +104,9 @@ def generate(
             progress=progress)
     _check_text_to_image(ctx, checkpoint, prompt, label)
     from ..request import GenerationRequest, unknown_words
-    from ..runtime.images import check_output, save_png
-    from ..runtime.session import (Session, builtin_checkpoint, check_backend, preflight,
-                                   resolve_device, resolve_dtype)
+    from ..runtime.images import check_output, save_pngs
+    from ..runtime.session import (Session, builtin_checkpoint, check_backend, export_source,
+                                   preflight, resolve_device, resolve_dtype)
     from ..runtime.timing import StageTimer
 
     req = GenerationRequest(prompt=prompt, height=height, width=width, steps=steps,
@@ -114,9 +117,12 @@ def generate(
     resolve_dtype(dtype, dev)
     check_backend(backend, engine_dir)
     paths = check_output(out, num_images)
+    if checkpoint is None and engine_dir is not None:  # the one the export was made from
+        checkpoint = export_source(engine_dir, say=lambda m: typer.echo(m, err=True))
     if checkpoint is None:
         checkpoint = builtin_checkpoint(say=lambda m: typer.echo(m, err=True))
     plan, configs = preflight(checkpoint, req)  # the request planned (and tokenized) once
+    check_output(out, num_images, (plan.request.height, plan.request.width))  # and room
     session = Session.open(checkpoint, backend=backend, device=str(dev), dtype=dtype,
                            engine_dir=engine_dir, cuda_graphs=cuda_graphs, compile=compile,
                            warn=lambda m: typer.echo(f"warning: {m}", err=True),
@@ -128,9 +134,8 @@ def generate(
                    f"(its words: {' '.join(session.spec.info.vocabulary)})", err=True)
     timer = StageTimer(dev, enabled=timings)
     images = session.generate(plan, on_step=progress_bar("AR steps", progress), timer=timer)[0]
-    meta = session.metadata(plan)
-    for i, path in enumerate(paths):
-        save_png(images[i].numpy(), path, {**meta, "image_index": i})
+    save_pngs(images.numpy(), paths, session.metadata(plan))
+    for path in paths:
         typer.echo(str(path))
     if timings:
         typer.echo(timer.table())
@@ -168,7 +173,7 @@ def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guida
     from ..imagenet import checkpoint as imagenet_checkpoint
     from ..imagenet import sample
     from ..imagenet.request import ClassRequest
-    from ..runtime.images import check_output, save_png
+    from ..runtime.images import check_output, save_pngs
     from ..runtime.session import resolve_device, resolve_dtype
 
     if prompt is not None:
@@ -188,10 +193,10 @@ def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guida
     paths = check_output(out, num_images)
     configs = imagenet_checkpoint.load(checkpoint, weights=False)
     req = ClassRequest(label, num_images, seed, steps, guidance).resolved(configs, height, width)
+    check_output(out, num_images, (configs.spec.image_size,) * 2)  # and room for them
     model = imagenet_checkpoint.load(checkpoint, dt, dev)
     images = sample.generate(model, req.labels, req.steps, req.guidance, req.seed, backend,
                              on_step=progress_bar("AR steps", progress))
-    meta = req.metadata(model, backend)
-    for i, path in enumerate(paths):
-        save_png(images[i].cpu().numpy(), path, {**meta, "image_index": i})
+    save_pngs(images.cpu().numpy(), paths, req.metadata(model, backend))
+    for path in paths:
         typer.echo(str(path))

@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from .app import DEBUG_OPTION, export_app, rt_app
+from .app import DEBUG_OPTION, Command, export_app, rt_app
 
 RECIPE_HELP = "fp8-weight, fp8, int8-weight or int8-sq (see docs/quantization.md)."
 
 
-@export_app.command("calibrate")
+@export_app.command("calibrate", cls=Command)
 def calibrate_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Float checkpoint "
                                     "directory (released layout)."),
@@ -21,10 +21,10 @@ def calibrate_cmd(
                              "(safetensors)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="One prompt per line "
                                            "(default: the 144 shipped prompts)."),
-    samples: int = typer.Option(32, "--samples", help="Prompts to run (evenly spaced over "
-                                "the set)."),
+    samples: int = typer.Option(16, "--samples", help="Prompts to run (evenly spaced over "
+                                "the set); the time grows with it."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Head sampling steps per "
-                                        "block (default: the model's)."),
+                                        "block (default: 25, or the model's if fewer)."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
     width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
     seed: int = typer.Option(0, help="Seed of the first prompt (the i-th uses seed + i)."),
@@ -43,16 +43,32 @@ def calibrate_cmd(
 
     texts = load_prompts(prompts, samples)
     t0 = time.perf_counter()
+
+    def first_prompt(seconds: float, total: int) -> None:
+        if total > 1:
+            typer.echo(f"the first prompt took {seconds:.0f}s: about {_duration(seconds * total)}"
+                       f" for all {total} (fewer: --samples, --steps, a smaller --height and "
+                       "--width)", err=True)
+
     calib = calibrate_checkpoint(checkpoint, out, texts, steps=steps, height=height,
                                  width=width, seed=seed, device=device, dtype=dtype,
-                                 on_step=progress_bar("calibrating", progress))
+                                 on_step=progress_bar("calibrating", progress),
+                                 on_first=first_prompt)
     m = calib.meta
     typer.echo(f"wrote {out}: {len(calib.amax)} layers, {m['samples']} prompts (hash "
                f"{m['prompts_sha256']}), {m['height']}x{m['width']}, N = {m['steps']}, in "
                f"{time.perf_counter() - t0:.1f}s")
 
 
-@export_app.command("quantize")
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@export_app.command("quantize", cls=Command)
 def quantize_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Float checkpoint "
                                     "directory (released layout)."),
@@ -75,7 +91,7 @@ def quantize_cmd(
     typer.echo(f"{recipe}: quantized {counts}; {out} holds {size / 1e9:.2f} GB")
 
 
-@rt_app.command("memory")
+@rt_app.command("memory", cls=Command)
 def memory_cmd(
     preset: str = typer.Option(..., "--preset", help="14b-64x or 14b-16x (or mid, tiny)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " "

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..limits import DEFAULT_SEED
-from .app import DEBUG_OPTION, rt_app
+from .app import DEBUG_OPTION, Command, rt_app
 
 
 def images_progress(label: str, enabled: bool = True):
@@ -68,7 +68,7 @@ def _fingerprint(checkpoint: Path) -> str:
     return h.hexdigest()
 
 
-@rt_app.command()
+@rt_app.command(cls=Command)
 def sample(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A class-conditional "
                                     "ImageNet checkpoint (bitdance-export convert)."),
@@ -105,7 +105,8 @@ def sample(
     from ..errors import BitDanceError
     from ..imagenet import checkpoint as imagenet_checkpoint
     from ..imagenet import sample as imagenet_sample
-    from ..imagenet.npz_run import SampleRun, check_out, run_sample, shard_from_env
+    from ..imagenet.npz_run import (SampleRun, check_out, check_room_for, run_sample,
+                                      shard_from_env)
     from ..imagenet.request import ClassRequest
     from ..runtime.session import resolve_device, resolve_dtype
 
@@ -130,6 +131,7 @@ def sample(
     run = SampleRun(num=num, per_class=per_class, num_classes=spec.num_classes, batch=batch,
                     seed=req.seed, steps=req.steps, guidance=req.guidance,
                     model=_fingerprint(Path(checkpoint)))
+    check_room_for(out, run, 3 * spec.image_size ** 2)
     model = imagenet_checkpoint.load(checkpoint, dt, dev)
 
     def generate_chunk(labels, chunk_seed):

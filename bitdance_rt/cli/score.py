@@ -10,10 +10,17 @@ from typing import List, Optional
 import typer
 
 from ..errors import BitDanceError
-from .app import DEBUG_OPTION, rt_app
+from .app import DEBUG_OPTION, Command, rt_app
 
 
 MAX_PIXELS = 64 * 2**20  # 64 megapixels: far beyond any image the models make
+
+
+def _parse(detect, caption: str) -> None:
+    try:
+        detect.parse_caption(caption)
+    except ValueError as e:
+        raise BitDanceError(f"{e}") from None
 
 
 def read_image(path: Path):
@@ -40,9 +47,9 @@ def read_image(path: Path):
                             "(or other image) file") from None
 
 
-@rt_app.command("score")
+@rt_app.command("score", cls=Command)
 def score_cmd(
-    images: List[Path] = typer.Argument(..., help="PNG (or other) image files."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE", help="PNG (or other) image files."),
     prompt: Optional[str] = typer.Option(
         None, "--prompt", "-p", help="The caption every image is checked against (default: "
         "the prompt each PNG from `bitdance-rt generate` records)."),
@@ -54,27 +61,34 @@ def score_cmd(
     on a white background'): the fraction of attributes (colour, shape, position, background)
     each image shows, found by colour segmentation and shape moments, not by a model."""
     from ..demo import detect
-    from ..files import atomic_path, check_writable_dir
+    from ..files import atomic_path, check_room
 
     if json_out is not None:  # before the work: a place to write the results
-        if json_out.is_dir():
-            raise BitDanceError(f"--json {json_out} is a directory; name a file")
+        check_room({json_out: 1 << 20}, "--json")
+    if prompt is not None:  # one caption for all: refused once, before any image is read
+        _parse(detect, prompt)
+    # every image that can be scored is: one that cannot is named with the reason, and the
+    # command ends with an error after the others' results
+    scored, skipped = [], []
+    for path in images:
         try:
-            check_writable_dir(json_out.parent)
+            array, recorded = read_image(path)
+            caption = prompt if prompt is not None else recorded
+            if caption is None:
+                raise BitDanceError(f"{path} records no prompt; give one with --prompt")
+            _parse(detect, caption)
         except BitDanceError as e:
-            raise BitDanceError(f"cannot write --json {json_out}: {e}") from None
-    pairs = [read_image(p) for p in images]
-    captions = []
-    for path, (_, recorded) in zip(images, pairs):
-        caption = prompt if prompt is not None else recorded
-        if caption is None:
-            raise BitDanceError(f"{path} records no prompt; give one with --prompt")
-        try:
-            detect.parse_caption(caption)
-        except ValueError as e:
-            raise BitDanceError(f"{e}") from None
-        captions.append(caption)
-    result = detect.score([a for a, _ in pairs], captions)
+            if len(images) == 1:
+                raise
+            skipped.append((path, str(e)))
+            typer.echo(f"{path}: not scored: {e}")
+            continue
+        scored.append((path, array, caption))
+    if not scored:
+        raise BitDanceError(f"none of the {len(images)} images could be scored (above)")
+    images = [p for p, _, _ in scored]
+    captions = [c for _, _, c in scored]
+    result = detect.score([a for _, a, _ in scored], captions)
     for path, caption, det in zip(images, captions, result["details"]):
         typer.echo(f"{path}: {detect.format_details(det)}"
                    + ("" if prompt is not None else f"  [{caption}]"))
@@ -83,5 +97,9 @@ def score_cmd(
         rows = [{"image": str(p), "prompt": c, "attributes": d}
                 for p, c, d in zip(images, captions, result["details"])]
         summary = {k: v for k, v in result.items() if k != "details"}
+        rows += [{"image": str(p), "error": why} for p, why in skipped]
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps({"summary": summary, "images": rows}, indent=2))
+    if skipped:
+        raise BitDanceError(f"{len(skipped)} of {len(skipped) + len(scored)} images were not "
+                            "scored (named above); the results are the others'")

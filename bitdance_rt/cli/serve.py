@@ -12,10 +12,10 @@ import typer
 from ..errors import BitDanceError
 from ..limits import (SERVE_CLIENT_TIMEOUT_S, SERVE_HOST, SERVE_MAX_BATCH, SERVE_MAX_QUEUE,
                       SERVE_PORT, SERVE_TIMEOUT_S)
-from .app import DEBUG_OPTION, rt_app
+from .app import DEBUG_OPTION, Command, rt_app
 
 
-@rt_app.command()
+@rt_app.command(cls=Command)
 def serve(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", "-c", help="Checkpoint directory (released layout). "

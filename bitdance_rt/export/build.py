@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BitDanceError, EngineError
+from .. import signals
 from ..files import atomic_path, staged_directory
 from ..manifest import (ENGINES, ENGINES_FORMAT, ENGINES_SUBDIR, GRAPHS, MANIFEST, check_files,
                         engine_files, graph_file, read_manifest, remember_hashes, sha256_file)
@@ -53,6 +54,9 @@ def parse_size(text: str | None, what: str = "--opt-size") -> tuple[int, int] | 
         raise BitDanceError(f"{what} {text}: both sides must be positive multiples of "
                             f"{LATENT_STRIDE} pixels")
     return h // LATENT_STRIDE, w // LATENT_STRIDE
+
+
+TURING = ("sm75",)  # TensorRT-RTX: fp16 matrix products only (no fp32 GEMM, no bf16)
 
 
 def resolve_targets(flavor: trt_compat.Flavor, target: str) -> tuple[list[str], list]:
@@ -102,6 +106,12 @@ def check_build_settings(*, attention: str, dtype: str, target: str = "auto",
         why = fl.native_attention()
         if why:
             raise trt_compat.TensorRTError(why)
+    names = resolve_targets(fl, target)[0]
+    if fl.rtx and dtype != "fp16" and any(t in TURING for t in names):
+        raise BitDanceError(
+            f"--target {'/'.join(t for t in names if t in TURING)}: {fl.label} builds only fp16 "
+            f"matrix products for Turing GPUs, and this export is {dtype}; build from an export "
+            "made with --dtype fp16, or choose --target sm80 or newer")
     parse_size(opt_size)
     if opt_batch is not None and opt_batch < 1:
         raise BitDanceError("--opt-batch must be at least 1")
@@ -183,6 +193,29 @@ class _Log:
         return " ".join(text.split())[:300]
 
 
+def _cancel_on_signal(trt):
+    """A progress monitor that cancels the build once Ctrl-C or SIGTERM came (None where the
+    TensorRT has no progress monitors)."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+
+    class Cancel(base):
+        def __init__(self):
+            base.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def phase_finish(self, phase_name):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return signals.received() is None
+
+    return Cancel()
+
+
 def _decomposable_attention(trt, network) -> int:
     """Let every attention layer fall back to separate kernels (see the module docstring).
     A TensorRT without attention layers (datacenter TensorRT before 10.14) has none to set:
@@ -234,7 +267,14 @@ def build_engine(flavor: trt_compat.Flavor, onnx_path: Path, profile: dict, caps
     if not flavor.rtx:  # TensorRT-RTX tunes on the device at first use: no timing cache
         cache = config.create_timing_cache(timing_cache or b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
+    monitor = _cancel_on_signal(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    # The build runs in native code and calls back into Python; an interrupt raised inside a
+    # callback would be swallowed there: a signal waits (held) and the monitor ends the build
+    # at its next step, then the signal is raised.
+    with signals.held():
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineError(f"{flavor.label} {flavor.version} could not build an engine from "
                           f"{onnx_path} ({log.first('no reason given')}); set BITDANCE_DEBUG=1 "
@@ -258,7 +298,8 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
                               timing_cache=timing_cache, opt_size=opt_size, opt_batch=opt_batch)
     out = Path(out) if out is not None else export / ENGINES_SUBDIR
     writes = {ENGINES, MANIFEST} | {f"{name}.engine" for name in GRAPHS}
-    check_out_dir(out, "engine directory", ENGINES, engine_files, writes)
+    check_out_dir(out, "engine directory", ENGINES, engine_files, writes,
+                  size=sum(n for g in manifest["graphs"].values() for n in g["files"].values()))
     names, caps = resolve_targets(fl, target)
     ranges = dim_ranges(manifest, opt_size, opt_batch)
     if manifest.get("attention") == "plugin":

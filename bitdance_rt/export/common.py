@@ -54,11 +54,12 @@ class GraphDef:
 
 
 def check_out_dir(out: Path, what: str = "export", marker: str = MANIFEST, owned=None,
-                  writes: set = frozenset()) -> None:
+                  writes: set = frozenset(), size: int = 0) -> None:
     """``out`` may be written: new, empty, or an earlier output of the same kind (which is
     replaced when the new one is complete, keeping every file it did not write: see
-    :func:`bitdance_rt.files.check_output_dir`); its parent is writable."""
-    check_output_dir(out, what, marker, owned, writes)
+    :func:`bitdance_rt.files.check_output_dir`); its file system has room for about ``size``
+    bytes more."""
+    check_output_dir(out, what, marker, owned, writes, size)
 
 
 def native_cache_feeds(model, gen: torch.Generator, rows: int, slots: int) -> dict:

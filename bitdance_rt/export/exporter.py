@@ -139,6 +139,19 @@ def _write_export(model, out: Path, preset_name, attention, max_batch, max_seq, 
     return manifest
 
 
+def export_size(ckpt: Path, dtype: torch.dtype, num_layers: int | None = None,
+                engines: bool = False) -> int:
+    """About the bytes an export of ``ckpt`` writes (the weights in ``dtype``; twice that
+    with engines), known before the weights load."""
+    from ..checkpoint import read_spec, weights_size
+
+    share = 1.0
+    if num_layers:
+        share = min(1.0, num_layers / read_spec(ckpt).llm.num_hidden_layers)
+    size = weights_size(ckpt, torch.empty((), dtype=dtype).element_size(), share)
+    return size * (2 if engines else 1)
+
+
 def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
                       dtype: str = "fp32", num_layers: int | None = None,
                       attention: str = "standard", max_batch: int = DEFAULT_MAX_BATCH,
@@ -155,7 +168,8 @@ def export_checkpoint(checkpoint, out_dir, *, model_name: str | None = None,
     name = resolve_preset(spec, model_name, ckpt)
     spec.truncated(num_layers)  # validate before loading
     check_settings(attention, max_batch, max_seq, spec, load_tokenizer(ckpt))
-    check_out_dir(Path(out_dir), owned=export_files, writes=export_writes(finish is not None))
+    check_out_dir(Path(out_dir), owned=export_files, writes=export_writes(finish is not None),
+                  size=export_size(ckpt, torch_dtype, num_layers, engines=finish is not None))
     say = progress or (lambda line: None)
     t0 = time.perf_counter()
     model = load_checkpoint(ckpt, dtype=torch_dtype, num_layers=num_layers)

@@ -151,11 +151,11 @@ def _owned(d: Path, writes: set) -> set:
     return {n for n in OUTPUTS if (d / n).exists()}
 
 
-def check_convert_output(out) -> None:
-    """``out`` is new, empty or an earlier output of ``convert`` (checked before reading the
-    weights)."""
+def check_convert_output(out, size: int = 0) -> None:
+    """``out`` is new, empty or an earlier output of ``convert`` with room for about ``size``
+    bytes (checked before reading the weights)."""
     out = Path(out)
-    check_output_dir(out, "converted checkpoint", INFO_FILE, _owned, set(OUTPUTS))
+    check_output_dir(out, "converted checkpoint", INFO_FILE, _owned, set(OUTPUTS), size)
     if out.is_dir() and any(out.iterdir()) and family_of(out) != FAMILY:
         raise BitDanceError(f"--out {out} holds a {INFO_FILE} that is not an ImageNet "
                             "checkpoint's, so it is not an earlier output of convert; name a "
@@ -176,7 +176,8 @@ def convert(model_pt, out, autoencoder_pt=None, weights: str = "ema") -> Convert
     out = Path(out)
     if weights not in pt_files.WEIGHTS:
         raise CheckpointError(f"--weights must be ema or model, got {weights!r}")
-    check_convert_output(out)
+    sources = [Path(f) for f in (model_pt, autoencoder_pt) if f is not None]
+    check_convert_output(out, sum(f.stat().st_size for f in sources if f.is_file()))
     converted, files = prepare(model_pt, autoencoder_pt, weights)
     with staged_directory(out, _owned, "converted checkpoint") as stage:
         write_converted(stage, *files)

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BitDanceError
-from ..files import parse_json, read_json
+from ..files import atomic_path, check_room, parse_json, read_json
 
 PARTS_SUFFIX = ".parts"
 RUN_FILE = "run.json"
@@ -96,12 +96,8 @@ def _chunk_path(parts: Path, k: int) -> Path:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as tmp:  # a unique temporary name: shards write side by side
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -152,6 +148,16 @@ def check_out(out) -> Path:
     if out.is_dir():
         raise BitDanceError(f"--out {out} is a directory; name a .npz file")
     return out
+
+
+def check_room_for(out, run: SampleRun, image_bytes: int) -> None:
+    """Before the model loads: ``out`` and the chunks still to make fit on its file system
+    (the chunks and the assembled file are both on disk before the chunks are removed)."""
+    out = Path(out)
+    parts = parts_dir(out)
+    have = sum(f.stat().st_size for f in parts.glob("chunk_*.npz")) if parts.is_dir() else 0
+    need = 2 * run.num * image_bytes + 4096 * (run.chunks + 1) - have
+    check_room({out: max(need, 0)}, "--out")
 
 
 def run_sample(out, run: SampleRun, generate: Callable[[np.ndarray, int], np.ndarray], *,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDanceError
-from ..files import check_writable_dir, staged_directory
+from ..files import check_room, staged_directory
 from ..models.autoencoder import AEConfig, BinaryAutoencoder
 from .checkpoint import prepare, write_converted
 from .spec import ImageNetSpec
@@ -26,6 +26,7 @@ from .transformer import ClassConditionalTransformer
 
 PARALLEL = (1, 4, 16)
 PT_DIR = "pt"
+TINY_BYTES = 48 << 20  # about the most it takes on disk (both forms)
 TINY_AE = AEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
 
 
@@ -116,10 +117,7 @@ def make_tiny(out_dir, parallel_num: int = 1, seed: int = 0) -> Path:
     if out.is_dir() and any(out.iterdir()):
         raise BitDanceError(f"{out} already exists and is not empty; choose a new directory "
                             "(make-tiny does not write over files)")
-    try:
-        check_writable_dir(out.absolute().parent)
-    except BitDanceError as e:
-        raise BitDanceError(f"cannot write {out}: {e}; choose another place") from None
+    check_room({out: TINY_BYTES}, str(out), files=False)
     with staged_directory(out, None, "checkpoint") as stage:
         model_pt, ae_pt = write_pt_files(stage / PT_DIR, parallel_num, seed)
         _, files = prepare(model_pt, ae_pt)

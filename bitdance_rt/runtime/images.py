@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from ..errors import BitDanceError
-from ..files import atomic_path, check_writable_dir
+from ..files import atomic_paths, check_room
 
 
 class OutputError(BitDanceError):
@@ -24,10 +24,17 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
-def check_output(out, n: int) -> list[Path]:
+def png_size_bound(height: int, width: int) -> int:
+    """The most bytes a PNG of an RGB image of this size takes (stored without compression,
+    a filter byte a row, chunk framing and the settings' text)."""
+    return height * (width * 3 + 1) + height * width * 3 // 16000 * 5 + 64 * 1024
+
+
+def check_output(out, n: int, size: tuple[int, int] | None = None) -> list[Path]:
     """The paths ``n`` images will be written to, after checking that they can be: a PNG name
     (PNG keeps the settings in its metadata), not a directory, in a directory that exists or
-    can be made and is writable. Raises :class:`OutputError` naming the fix."""
+    can be made and is writable, with names the file system can hold and (``size``: height,
+    width) room for all ``n``. Raises :class:`OutputError` naming the fix."""
     out = Path(out)
     if out.is_dir() or str(out).endswith(os.sep):
         raise OutputError(f"--out {out} is a directory; name the image file, e.g. "
@@ -37,13 +44,11 @@ def check_output(out, n: int) -> list[Path]:
         raise OutputError(f"--out {out}: images are written as PNG (which keeps the prompt and "
                           f"settings in its metadata); name the file {hint}")
     paths = output_paths(out, n)
-    for p in paths:
-        if p.is_dir():
-            raise OutputError(f"{p} is a directory; choose another --out")
+    bound = png_size_bound(*size) if size else 0
     try:
-        check_writable_dir(out.parent if str(out.parent) else Path("."))
+        check_room({p: bound for p in paths}, "--out")
     except BitDanceError as e:
-        raise OutputError(f"cannot write the image: {e}; choose another --out") from None
+        raise OutputError(str(e)) from None
     return paths
 
 
@@ -65,9 +70,13 @@ def png_bytes(image, meta: dict) -> bytes:
     return buf.getvalue()
 
 
-def save_png(image, path: Path, meta: dict) -> None:
-    """``image`` to ``path`` (see :func:`write_png`), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        write_png(image, tmp, meta)
+def save_pngs(images, paths, meta: dict) -> None:
+    """``images[i]`` to ``paths[i]`` with ``meta`` and its ``image_index`` (see
+    :func:`write_png`): all or nothing (a failure or an interrupt leaves no new file)."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(paths) as tmps:
+        for i, tmp in enumerate(tmps):
+            write_png(images[i], tmp, {**meta, "image_index": i})
+

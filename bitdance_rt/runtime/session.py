@@ -43,11 +43,27 @@ def builtin_checkpoint(say=None) -> Path:
                             "reinstall bitdance-rt, or pass --checkpoint DIR")
     if say:
         info = read_spec(path).info
-        (h, w), words = info.sizes[0], " ".join(info.vocabulary)
+        (h, w) = info.sizes[0]
         say(f"no --checkpoint given: using the built-in demo model ({info.name}, {h}x{w}), "
-            "trained on coloured shapes; prompts like 'a red circle on the left, on a white "
-            f"background'. Its words: {words}")
+            f"trained on coloured shapes with a vocabulary of {len(info.vocabulary)} words; "
+            "prompts like 'a red circle on the left, on a white background'")
     return path
+
+
+def export_source(engine_dir, say=None) -> Path | None:
+    """The checkpoint an export (or its engines/) was made from, as its manifest records it,
+    when that directory is still there; None otherwise."""
+    from ..manifest import MANIFEST, read_manifest
+
+    d = Path(engine_dir)
+    if not (d / MANIFEST).is_file():
+        return None
+    source = (read_manifest(d).get("source") or {}).get("checkpoint")
+    if not source or not Path(source).is_dir():
+        return None
+    if say:
+        say(f"no --checkpoint given: using {source}, the checkpoint {d} was exported from")
+    return Path(source)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
 
 from ..errors import BitDanceError
 from .config import ServeConfig
@@ -120,12 +121,26 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
 
     app = create_app(service, load="background", on_fail=on_fail)
     server = make_server(app, service, host, port, log_level)
-    # uvicorn re-raises the signal it drained on; a drained SIGTERM is a clean exit (0).
+    # uvicorn re-raises the signal it drained on; a drained SIGTERM is a clean exit (0), a
+    # Ctrl-C an interrupted one (130).
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    interrupted = None
     try:
         server.run()
+    except KeyboardInterrupt as e:
+        interrupted = e
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if service.loading() or (interrupted is not None and service.worker_busy()):
+        # a thread is inside native code (loading the weights, or a block that a second
+        # Ctrl-C cut short): the interpreter's shutdown would abort on it, so exit now
+        if interrupted is not None:
+            print("interrupted", file=sys.stderr)
+            _exit_now(130)
+        log.info("stopped while the model was loading")
+        _exit_now(0)
+    if interrupted is not None:
+        raise interrupted
     if "error" in failed:
         raise failed["error"]
     if not server.started:

@@ -77,9 +77,14 @@ class ImageService:
                 log.error("loading the model failed: %s", e)
                 if on_fail:
                     on_fail(e)
-        t = threading.Thread(target=run, name="bitdance-load", daemon=True)
+        t = self._loader = threading.Thread(target=run, name="bitdance-load", daemon=True)
         t.start()
         return t
+
+    def loading(self) -> bool:
+        """Whether the model is still loading (in a thread that may be inside native code)."""
+        loader = getattr(self, "_loader", None)
+        return loader is not None and loader.is_alive()
 
     def close(self, timeout: float | None = None) -> None:
         """Take no new requests; finish what is queued and running (waiting at most

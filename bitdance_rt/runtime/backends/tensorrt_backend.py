@@ -147,6 +147,12 @@ class TensorRTBackend(GraphRuntime):
         gpu = trt_compat.gpu_target(self.device) if self.device.type == "cuda" else None
         check_runtime(info, self.flavor, gpu, d, device_checked=False)
         if self.device.type != "cuda":
+            import torch
+
+            if not torch.cuda.is_available():  # say it once, not "pass --device cuda"
+                raise EngineError("--backend tensorrt runs on a CUDA GPU and this machine has "
+                                  "none; use --backend onnxruntime (the same export) or torch "
+                                  "here")
             raise EngineError("--backend tensorrt runs on a CUDA GPU; pass --device cuda (or use "
                               "--backend onnxruntime on the CPU)")
         check_runtime(info, self.flavor, gpu, d)

@@ -1,0 +1,97 @@
+"""How a command stops on Ctrl-C (SIGINT) or SIGTERM, at any moment.
+
+While a command runs (:func:`handled`, entered by the CLI around every command but ``serve``,
+which drains instead), both signals raise :class:`Interrupted`, a KeyboardInterrupt, in the main
+thread, and the signal is remembered: Python drops an exception raised where it cannot propagate
+(inside a finalizer, or a callback from native code such as a TensorRT build), so
+:func:`check` raises it again at the next point that commits an output (the rename that puts a
+file or a directory in place), and native work that takes long asks :func:`received` between
+its steps. Short sections that must not be cut in the middle (the renames of a set of outputs,
+and their undoing) run under :func:`held`: a signal that arrives there is raised when the
+section ends. The CLI prints one line and exits 128 + the signal's number (130 for Ctrl-C, 143
+for SIGTERM); what was being written is removed (``files.atomic_path``, ``staged_directory``),
+so an interrupted command leaves the old outputs or the new ones, never a part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+_state = {"signum": None, "held": 0, "pending": False, "active": False}
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by a signal (a KeyboardInterrupt, so ``except Exception`` never
+    swallows it)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit status for an interrupt ``e`` (130 when it carries no signal)."""
+    return getattr(e, "exit_code", 128 + signal.SIGINT)
+
+
+def _handler(signum, frame):
+    _state["signum"] = signum
+    if _state["held"]:
+        _state["pending"] = True
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handled(after=None):
+    """Both signals raise :class:`Interrupted` in this block (main thread only; elsewhere,
+    and when already inside such a block, nothing changes). The handlers before it are put
+    back afterwards, or ``after`` (a process that is exiting: ``signal.SIG_IGN``, so that a
+    signal during the interpreter's shutdown does not turn a finished command into a killed
+    one)."""
+    if threading.current_thread() is not threading.main_thread() or _state["active"]:
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) if after is None else after for sig in HANDLED}
+    _state.update(signum=None, held=0, pending=False, active=True)
+    try:
+        for sig in HANDLED:
+            signal.signal(sig, _handler)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _state.update(signum=None, held=0, pending=False, active=False)
+
+
+def received() -> int | None:
+    """The signal received since the command started, if any (for loops in native code that
+    cannot be interrupted otherwise: stop between steps)."""
+    return _state["signum"]
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal came and its exception was lost on the way."""
+    if _state["signum"] is not None:
+        raise Interrupted(_state["signum"])
+
+
+@contextlib.contextmanager
+def held():
+    """A section a signal must not cut: one that arrives inside is raised when it ends."""
+    _state["held"] += 1
+    try:
+        yield
+    finally:
+        _state["held"] -= 1
+        if not _state["held"] and _state["pending"]:
+            _state["pending"] = False
+            raise Interrupted(_state["signum"])
