@@ -142,6 +142,9 @@ def check_room(outputs, what: str = "--out", files: bool = True) -> None:
     need = {}
     for path, size in dict(outputs).items():
         path = Path(path)
+        if not path.name.strip():
+            raise BitDanceError(f"{what} {str(path)!r} has no name (only spaces); name the "
+                                "output")
         base = _nearest_existing(path.parent)
         if not base.is_dir():
             raise BitDanceError(f"{base} is a file, so {what} {path} cannot be made there; "

@@ -3,10 +3,11 @@
 While a command runs (:func:`handled`, entered by the CLI around every command but ``serve``,
 which drains instead), both signals raise :class:`Interrupted`, a KeyboardInterrupt, in the main
 thread, and the signal is remembered: Python drops an exception raised where it cannot propagate
-(inside a finalizer, or a callback from native code such as a TensorRT build), so
-:func:`check` raises it again at the next point that commits an output (the rename that puts a
-file or a directory in place), and native work that takes long asks :func:`received` between
-its steps. Short sections that must not be cut in the middle (the renames of a set of outputs,
+(inside a finalizer, or a callback from native code such as a TensorRT build): inside a
+finalizer, a weak-reference callback or an import the signal is not raised but delivered again
+a moment later, :func:`check` raises one that was lost at the next point that commits an output
+(the rename that puts a file or a directory in place), and native work that takes long asks
+:func:`received` between its steps. Short sections that must not be cut in the middle (the renames of a set of outputs,
 and their undoing) run under :func:`held`: a signal that arrives there is raised when the
 section ends. The CLI prints one line and exits 128 + the signal's number (130 for Ctrl-C, 143
 for SIGTERM); what was being written is removed (``files.atomic_path``, ``staged_directory``),
@@ -42,10 +43,35 @@ def exit_code(e: BaseException) -> int:
     return getattr(e, "exit_code", 128 + signal.SIGINT)
 
 
+# Where an exception raised by the handler would not propagate, or would abort the process: a
+# finalizer or weak-reference callback (Python drops it: "Exception ignored in ..."), and an
+# import (an extension module's initialisation calls back into Python from native code, where
+# an exception terminates the process). There the signal is delivered again a moment later.
+_UNSAFE_FILES = ("weakref.py", "_weakrefset.py", "/torch/utils/weak.py", "importlib/_bootstrap",
+                 "<frozen importlib._bootstrap")
+_REDELIVER_S = 0.05
+
+
+def _unsafe(frame) -> bool:
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__del__" or any(u in code.co_filename for u in _UNSAFE_FILES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _handler(signum, frame):
     _state["signum"] = signum
     if _state["held"]:
         _state["pending"] = True
+        return
+    if _unsafe(frame):
+        import os
+
+        t = threading.Timer(_REDELIVER_S, os.kill, (os.getpid(), signum))
+        t.daemon = True
+        t.start()
         return
     raise Interrupted(signum)
 

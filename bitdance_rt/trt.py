@@ -151,8 +151,9 @@ def load(name: str | None = None) -> Flavor:
     """The TensorRT to use: ``name`` (``tensorrt`` or ``tensorrt_rtx``), else the environment
     variable ``BITDANCE_TRT``, else the first that imports. A one-line error naming both
     install routes when none does."""
-    name = name or os.environ.get(ENV) or None
-    if name is not None:
+    if name is None:
+        name = os.environ.get(ENV) or None
+    if name is not None:  # an empty --trt is a mistake, not "any"
         name = name.strip().lower().replace("-", "_")
         if name not in ORDER:
             raise TensorRTError(f"unknown TensorRT flavor {name!r} (from --trt or {ENV}); "

@@ -206,6 +206,27 @@ def test_the_signal_policy():
         assert not list(tmp.glob(f".{target.name}.*"))
 
 
+def test_a_signal_in_a_finalizer_or_an_import_is_delivered_after_it():
+    """A signal that arrives while a finalizer runs (where Python would drop the exception)
+    or while a module is imported (where an extension's callback would abort the process)
+    is delivered again right after it: raised in the code that follows, not lost."""
+    log = []
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the handler runs in here, inside the finalizer
+            log.append("finalizer finished")
+
+    with signals.handled():
+        with pytest.raises(signals.Interrupted):
+            obj = Finalized()
+            del obj
+            time.sleep(5)
+            log.append("not interrupted")
+    assert log == ["finalizer finished"]
+
+
 def _gen_cmd(out, *extra):
     return [sys.executable, "-c", "from bitdance_rt.entry import rt; rt()", "generate", "-p",
             "a red circle on the left", "-n", "2", "--out", str(out), "--no-progress", *extra]

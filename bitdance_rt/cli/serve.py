@@ -82,6 +82,8 @@ def serve(
         raise BitDanceError(f"--log-level must be debug, info, warning or error, got "
                             f"{log_level!r}")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
+    # the server's log, not its libraries' (torch reports its caches at exit at INFO)
+    logging.getLogger("torch").setLevel(max(logging.WARNING, logging.getLogger().level))
     if not ray and (replicas != 1 or max_replicas is not None or gpus_per_replica is not None
                     or ray_address is not None):
         raise BitDanceError("--replicas, --max-replicas, --gpus-per-replica and --ray-address "

@@ -229,6 +229,12 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
             except Exception as e:
                 raise EngineError(f"ONNX Runtime cannot load {path} ({str(e).strip()[:300]}); "
                                   "re-run the export") from None
+            want = sorted(i["name"] for i in manifest["graphs"][name]["inputs"])
+            got = sorted(i.name for i in session.get_inputs())
+            if got != want:  # another graph's file under this graph's name
+                raise EngineError(f"{path.name} takes the inputs {', '.join(got)}, not those the "
+                                  f"manifest lists for {name} ({', '.join(want)}); re-run the "
+                                  "export")
             ref_fn = lambda feeds, name=name: PYTORCH_OUTPUTS[name](model, feeds)  # noqa: E731
             for case, feeds in all_cases[name]:
                 rows += _compare(name, case, session, ref_fn, feeds, dtype, tolerance)

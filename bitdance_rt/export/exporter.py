@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import BitDanceModel, load_checkpoint, weights_fingerprint
 from ..errors import BitDanceError
+from ..limits import MAX_IMAGES
 from ..files import staged_directory
 from . import block_step, decoder, head_prepare, head_step, prefill
 from . import qdq
@@ -53,6 +54,14 @@ def check_settings(attention: str, max_batch: int, max_seq: int, spec=None,
     check_attention(attention)  # fail before any work on an unavailable choice
     if max_batch < 1 or max_seq < 1:
         raise BitDanceError("--max-batch and --max-seq must be positive")
+    if max_batch > MAX_IMAGES:
+        raise BitDanceError(f"--max-batch {max_batch} is more than the {MAX_IMAGES} images an "
+                            f"AR run takes; pass at most {MAX_IMAGES}")
+    if spec is not None and max_seq > spec.llm.max_position_embeddings:
+        raise BitDanceError(
+            f"--max-seq {max_seq} is more than the {spec.llm.max_position_embeddings} positions "
+            f"this model has (max_position_embeddings); pass at most "
+            f"{spec.llm.max_position_embeddings}")
     if spec is not None:
         need = shortest_context(spec, tokenizer)
         if max_seq < need:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDanceError, CheckpointError
-from ..files import MapOf, check_output_dir, read_json, staged_directory
+from ..files import MapOf, check_output_dir, parse_json, read_json, staged_directory
 from ..models.autoencoder import AEConfig, BinaryAutoencoder
 from . import pt_files
 from .spec import FAMILY, ImageNetSpec, check, defaults_for, match_preset
@@ -47,11 +47,11 @@ def family_of(path) -> str | None:
     info = Path(path) / INFO_FILE
     if not info.is_file():
         return None
-    try:
-        family = json.loads(info.read_text()).get("family")
-    except (OSError, ValueError, AttributeError):
+    try:  # the same limits as every JSON file read; a bad file is the loader's to report
+        value = parse_json(info.read_bytes(), str(info))
+    except (OSError, BitDanceError):
         return None
-    return family if family == FAMILY else None
+    return FAMILY if isinstance(value, dict) and value.get("family") == FAMILY else None
 
 
 @dataclass
