@@ -22,7 +22,7 @@ import threading
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
-_state = {"signum": None, "held": 0, "pending": False, "active": False}
+_state = {"signum": None, "held": 0, "pending": False, "active": False, "deferred": None}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,7 +46,8 @@ def exit_code(e: BaseException) -> int:
 # Where an exception raised by the handler would not propagate, or would abort the process: a
 # finalizer or weak-reference callback (Python drops it: "Exception ignored in ..."), and an
 # import (an extension module's initialisation calls back into Python from native code, where
-# an exception terminates the process). There the signal is delivered again a moment later.
+# an exception terminates the process). There the signal is raised a moment later (SIGALRM
+# from a timer), in the first frame that is none of these.
 _UNSAFE_FILES = ("weakref.py", "_weakrefset.py", "/torch/utils/weak.py", "importlib/_bootstrap",
                  "<frozen importlib._bootstrap")
 _REDELIVER_S = 0.05
@@ -66,13 +67,24 @@ def _handler(signum, frame):
     if _state["held"]:
         _state["pending"] = True
         return
-    if _unsafe(frame):
-        import os
-
-        t = threading.Timer(_REDELIVER_S, os.kill, (os.getpid(), signum))
-        t.daemon = True
-        t.start()
+    if _unsafe(frame):  # try again in a moment (a timer's SIGALRM: no thread, no lock)
+        _state["deferred"] = signum
+        signal.setitimer(signal.ITIMER_REAL, _REDELIVER_S)
         return
+    raise Interrupted(signum)
+
+
+def _again(_alarm, frame):
+    signum = _state.get("deferred")
+    if signum is None:
+        return
+    if _state["held"]:
+        _state.update(deferred=None, pending=True)
+        return
+    if _unsafe(frame):
+        signal.setitimer(signal.ITIMER_REAL, _REDELIVER_S)
+        return
+    _state["deferred"] = None
     raise Interrupted(signum)
 
 
@@ -87,15 +99,18 @@ def handled(after=None):
         yield
         return
     previous = {sig: signal.getsignal(sig) if after is None else after for sig in HANDLED}
-    _state.update(signum=None, held=0, pending=False, active=True)
+    previous[signal.SIGALRM] = signal.getsignal(signal.SIGALRM)
+    _state.update(signum=None, held=0, pending=False, active=True, deferred=None)
     try:
         for sig in HANDLED:
             signal.signal(sig, _handler)
+        signal.signal(signal.SIGALRM, _again)
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        _state.update(signum=None, held=0, pending=False, active=False)
+        _state.update(signum=None, held=0, pending=False, active=False, deferred=None)
 
 
 def received() -> int | None:
@@ -104,15 +119,25 @@ def received() -> int | None:
     return _state["signum"]
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def check() -> None:
-    """Raise :class:`Interrupted` if a signal came and its exception was lost on the way."""
-    if _state["signum"] is not None:
+    """Raise :class:`Interrupted` if a signal came and its exception was lost on the way (in
+    the main thread, where signals are handled; elsewhere nothing: a server's loader or worker
+    thread is stopped by the server)."""
+    if _state["signum"] is not None and _main_thread():
         raise Interrupted(_state["signum"])
 
 
 @contextlib.contextmanager
 def held():
-    """A section a signal must not cut: one that arrives inside is raised when it ends."""
+    """A section a signal must not cut: one that arrives inside is raised when it ends (main
+    thread only: another thread's section cannot hold the main thread's signals)."""
+    if not _main_thread():
+        yield
+        return
     _state["held"] += 1
     try:
         yield
@@ -121,3 +146,25 @@ def held():
         if not _state["held"] and _state["pending"]:
             _state["pending"] = False
             raise Interrupted(_state["signum"])
+
+
+def _record(signum, frame):
+    _state["signum"] = signum
+
+
+def record_only() -> bool:
+    """From here on both signals are only recorded (:func:`received`): for a server, whose own
+    handlers take over and which decides how to stop. False when no :func:`handled` block is
+    active (nothing changed)."""
+    if not _main_thread() or not _state["active"]:
+        return False
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _state["deferred"] = None
+    for sig in HANDLED:
+        signal.signal(sig, _record)
+    return True
+
+
+def clear() -> None:
+    """Forget a recorded signal (one that a server has answered by draining)."""
+    _state.update(signum=None, pending=False, deferred=None)

@@ -13,11 +13,13 @@ Slow clients are bounded too (``limits.py``): a request head or body that takes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import sys
 
+from .. import signals
 from ..errors import BitDanceError
 from .config import ServeConfig
 
@@ -74,6 +76,14 @@ def _server_class():
             self.service = service
             self.dropped = None       # (queued, running, connections) once the bound passed
 
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                came = signals.received()  # before uvicorn's handlers were in place
+                if came is not None:
+                    self.handle_exit(came, None)
+                yield
+
         async def shutdown(self, sockets=None):
             bound = self.service.config.drain_seconds
             task = asyncio.get_running_loop().create_task(self._bound(bound))
@@ -121,16 +131,23 @@ def serve_forever(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000
 
     app = create_app(service, load="background", on_fail=on_fail)
     server = make_server(app, service, host, port, log_level)
-    # uvicorn re-raises the signal it drained on; a drained SIGTERM is a clean exit (0), a
-    # Ctrl-C an interrupted one (130).
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    # A signal before the server runs stops it here; from now on uvicorn's handlers take the
+    # signals (one that comes before they are in place is handed to them), and re-raise the one
+    # they drained on: a drained SIGTERM is a clean exit (0), a Ctrl-C an interrupted one (130).
+    signals.check()
+    recording = signals.record_only()
+    previous = None if recording else signal.signal(signal.SIGTERM, lambda *_: None)
     interrupted = None
     try:
         server.run()
     except KeyboardInterrupt as e:
         interrupted = e
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if interrupted is None and signals.received() == signal.SIGINT:
+        interrupted = signals.Interrupted(signal.SIGINT)
+    signals.clear()  # answered here: the CLI does not stop on it again
     if service.loading() or (interrupted is not None and service.worker_busy()):
         # a thread is inside native code (loading the weights, or a block that a second
         # Ctrl-C cut short): the interpreter's shutdown would abort on it, so exit now
