@@ -161,7 +161,7 @@ def watchdog(seconds: float):
             t.cancel()
 
 
-def pixels(path: Path) -> bytes:
+def rgb_bytes(path: Path) -> bytes:
     """An image's pixels (its PNG metadata names paths that differ between runs)."""
     from PIL import Image
 
@@ -635,7 +635,7 @@ class Probe:
         wrong = r.rc == 0
         if wrong and op == "json":  # accepted: fine only if the damage changed nothing
             same = self.undamaged_result(app, exp, d)
-            got = pixels(d / "o.png") if app == "rt" else r.out.replace(str(e), "EXP")
+            got = rgb_bytes(d / "o.png") if app == "rt" else r.out.replace(str(e), "EXP")
             wrong = got != same
         return judge(r, info, ok=(0, 1, 2) if app == "export" else (0, 2)) + \
             ([f"exit 0 with {kind} and another result"] if wrong else [])
@@ -650,7 +650,7 @@ class Probe:
                 invoke("rt", ["generate", "--backend", "onnxruntime", "--export-dir", exp,
                               "-c", self.ckpt, "-p", "x", *FAST, "--out", out / "o.png"],
                        timeout=300)
-                cache[app] = pixels(out / "o.png")
+                cache[app] = rgb_bytes(out / "o.png")
             else:
                 r = invoke("export", ["check", exp, "-c", self.ckpt, "--seed", "0"], timeout=300)
                 cache[app] = r.out.replace(str(exp), "EXP")
