@@ -155,6 +155,10 @@ def _check_text_to_image(ctx, checkpoint, prompt, label) -> None:
     from ..errors import BitDanceError
 
     if label is not None:
+        if checkpoint is not None and not Path(checkpoint).is_dir():
+            raise BitDanceError(f"checkpoint directory {checkpoint} does not exist; --class "
+                                "needs an ImageNet checkpoint (`bitdance-export convert` makes "
+                                "one from the released .pt files)")
         which = "the built-in demo model" if checkpoint is None else str(checkpoint)
         raise BitDanceError(f"--class is for class-conditional ImageNet checkpoints; {which} "
                             "is a text-to-image model: describe the image with --prompt")
