@@ -31,13 +31,6 @@ KINDS = ("colour", "shape", "position", "background")
 MIN_AREA = 0.006        # fraction of the image a component needs to count as an object
 BORDER = 0.04           # width of the border ring that decides the background (fraction)
 CENTRE_RADIUS = 0.12    # centroid within this (max-norm, fraction of size) of the middle: centre
-# A picture of flat shapes: most neighbouring pixels share their nearest palette colour, and
-# pixels lie near a palette colour (RGB distance). The demo model's images: 0.99 and about 5;
-# its training images with noise of sd 40 added: 0.90 and 47; noise: 0.16-0.29 and 68-82;
-# blocks of random colours: 0.95 and 92. Below the first or above the second, an image shows
-# no background and no objects (every attribute is wrong).
-MIN_FLATNESS = 0.6
-MAX_PALETTE_DISTANCE = 64.0
 # Shape prototypes in (fill ratio, centroid offset) space; the offset is weighted by OFFSET_W.
 PROTOTYPES = {"circle": (np.pi / 4, 0.0), "square": (1.0, 0.0), "triangle": (0.5, 1 / 6)}
 OFFSET_W = 2.0
@@ -163,24 +156,10 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, len(roots)
 
 
-def is_flat_shapes(image: np.ndarray, labels: np.ndarray) -> bool:
-    """Whether ``image`` looks like flat shapes in palette colours at all (not noise, not a
-    photograph): see MIN_FLATNESS."""
-    flat = ((labels[:, 1:] == labels[:, :-1]).mean() + (labels[1:] == labels[:-1]).mean()) / 2
-    img = np.asarray(image, dtype=np.float32)[..., :3]
-    nearest = _PALETTE_RGB[labels]
-    distance = np.sqrt(((img - nearest) ** 2).sum(-1)).mean()
-    return bool(flat >= MIN_FLATNESS and distance <= MAX_PALETTE_DISTANCE)
-
-
 def detect(image: np.ndarray) -> dict:
-    """``{"background": colour, "objects": [Component, ...]}``, objects largest first; an
-    image that is not flat shapes at all (:func:`is_flat_shapes`) has background None and no
-    objects."""
+    """``{"background": colour, "objects": [Component, ...]}``, objects largest first."""
     labels = palette_labels(image)
     h, w = labels.shape
-    if not is_flat_shapes(image, labels):
-        return {"background": None, "objects": []}
     bg = background_colour(labels)
     opening = max(1, int(round(min(h, w) / 128)))  # 1 px at 128, 2 px at 256
     found = []
