@@ -92,7 +92,7 @@ def sample(
     dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (default: bfloat16 "
                                         "on cuda, float32 on cpu)."),
     shard: Optional[str] = typer.Option(
-        None, "--shard", help="I/N: this process makes chunks k with k %% N == I (default: "
+        None, "--shard", help="I/N: this process makes chunks k whose remainder mod N is I (default: "
         "torchrun's RANK/WORLD_SIZE, else all). Shards on one disk share the run."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     debug: bool = DEBUG_OPTION,
