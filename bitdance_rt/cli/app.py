@@ -113,8 +113,6 @@ class Commands(TyperGroup):
             e.show()
             sys.exit(e.exit_code)
         except _EXIT as e:
-            if isinstance(e.__cause__, KeyboardInterrupt):  # typer's silent exit 130 for it
-                _interrupted(e.__cause__)
             sys.exit(e.exit_code)
         except Exception as e:  # a bug: one line unless --debug
             if DEBUG["on"]:
