@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import bitdance_rt  # noqa: E402,F401  (before torch: sets the CPU thread and MKL policies)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from bitdance_rt.demo import WEIGHTS_DIR, detect, shapes  # noqa: E402
 
@@ -42,9 +43,11 @@ def open_session(ckpt: Path, backend: str = "torch", engine_dir: Path | None = N
 
 def generate_images(session, prompts: list[str], seeds: list[int], height: int | None = None,
                     width: int | None = None, steps: int | None = None,
-                    guidance: float | None = None, batch: int = 1) -> list[np.ndarray]:
+                    guidance: float | None = None, batch: int = 1,
+                    progress=None) -> list[np.ndarray]:
     """One uint8 ``[H, W, 3]`` image per prompt (``None`` settings: the model's defaults).
-    ``batch`` prompts share one AR run; each still draws from its own seed."""
+    ``batch`` prompts share one AR run; each still draws from its own seed.
+    ``progress(done, total)`` is called after each AR run."""
     from bitdance_rt.request import GenerationRequest
 
     out = []
@@ -53,7 +56,25 @@ def generate_images(session, prompts: list[str], seeds: list[int], height: int |
                                   guidance=guidance, seed=s)
                 for p, s in zip(prompts[i:i + batch], seeds[i:i + batch])]
         out += [imgs[0].numpy() for imgs in session.generate(*reqs)]
+        if progress is not None:
+            progress(len(out), len(prompts))
     return out
+
+
+class Progress:
+    """A line per tenth of all the run's images, with the time left."""
+
+    def __init__(self, total: int, log=print):
+        self.total, self.log, self.t0, self.tenth = total, log, time.perf_counter(), 0
+
+    def update(self, done: int) -> None:
+        tenth = 10 * done // self.total
+        if done == 1 or tenth > self.tenth:
+            self.tenth = tenth
+            spent = time.perf_counter() - self.t0
+            left = spent * (self.total - done) / done
+            self.log(f"  {done}/{self.total} images, {spent:.0f} s, about {left / 60:.1f} min "
+                     "left")
 
 
 def run(session, n: int, guidances: list[float], steps: int, seed: int, batch: int = 1,
@@ -62,9 +83,12 @@ def run(session, n: int, guidances: list[float], steps: int, seed: int, batch: i
     prompts = [caption for _idx, caption, _attrs in shapes.heldout(n, start)]
     seeds = [seed + k for k in range(len(prompts))]
     results = {}
-    for g in guidances:
+    progress = Progress(len(prompts) * len(guidances), log)
+    for gi, g in enumerate(guidances):
         t0 = time.perf_counter()
-        images = generate_images(session, prompts, seeds, steps=steps, guidance=g, batch=batch)
+        images = generate_images(session, prompts, seeds, steps=steps, guidance=g, batch=batch,
+                                 progress=lambda d, _n, base=gi * len(prompts):
+                                 progress.update(base + d))
         secs = time.perf_counter() - t0
         if save_images is not None:
             from PIL import Image
@@ -174,7 +198,7 @@ def main(argv=None):
     print(f"checkpoint {args.checkpoint} ({name}), {d.height}x{d.width}, steps {steps}, "
           f"backend {args.backend}", flush=True)
     results = run(session, args.n, guidances, steps, args.seed, args.batch, args.save_images,
-                  split=args.split)
+                  log=lambda msg: print(msg, flush=True), split=args.split)
     ceiling = None
     if args.autoencoder:
         ceiling = autoencoder_ceiling(args.checkpoint, args.n, args.split)

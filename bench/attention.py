@@ -105,6 +105,13 @@ def main(argv=None):
     else:
         hq, hkv, d, t, lens_list = 40, 8, 128, 64, [200, 1000, 2200, 3200, 4200]
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    path = ("the Triton kernel, bf16" if dev.type == "cuda" else
+            "the op's CPU path (SDPA over the cache in place, no Triton kernel), float32")
+    print(f"'ours' is bitdance::kv_attention on {dev.type}: {path}.")
+    if dev.type != "cuda":
+        print("On the CPU both paths are SDPA in float32, as the reference is (errors near 0 "
+              "say nothing of the kernel);\nthe kernel's times and bf16 errors need a CUDA GPU "
+              "(--device cuda).")
     gen = torch.Generator(dev).manual_seed(0)
     rows = []
     print(f"{'cache len':>10}{'ours ms':>10}{'sdpa+cat ms':>13}{'speedup':>9}{'ours err':>10}{'sdpa err':>10}")
@@ -134,7 +141,7 @@ def main(argv=None):
     sweep = config_sweep(dev, dtype, hq, hkv, d, t, lens_list[-1], args.iters) \
         if dev.type == "cuda" and not args.no_sweep else []
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "dtype": str(dtype), "shapes": dict(B=2, Hq=hq, Hkv=hkv, D=d, T=t), "rows": rows,
+           "dtype": str(dtype), "path": path, "shapes": dict(B=2, Hq=hq, Hkv=hkv, D=d, T=t), "rows": rows,
            "sweep": sweep}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

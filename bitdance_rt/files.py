@@ -232,6 +232,18 @@ def _kept(final: Path, owned: Owned | None, writes: set, what: str = "output") -
     return keep
 
 
+def _usual_modes(root: Path) -> None:
+    """Give every file under ``root`` a file's usual mode under the umask: some writers
+    (safetensors, mkstemp) make their files private to the user."""
+    mask = _umask()
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode):
+                os.chmod(p, (0o777 if st.st_mode & 0o111 else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def staged_directory(final: Path, owned: Owned | None = None, what: str = "output"):
     """Yields an empty staging directory beside ``final``; when the block completes the
@@ -252,6 +264,7 @@ def staged_directory(final: Path, owned: Owned | None = None, what: str = "outpu
         yield stage
         with signals.held():  # the renames run to their end; a signal is raised after them
             signals.check()  # an interrupt lost on the way stops the commit
+            _usual_modes(stage)
             keep = _kept(final, owned, {p.name for p in stage.iterdir()}, what)
             if final.exists() or final.is_symlink():
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old",

@@ -65,6 +65,38 @@ def test_blurred_and_noisy_images_still_score_high(seed):
     assert res["overall"] >= 0.95, f"seed {seed}: {detect.format_score(res)}"
 
 
+def _noise(kind: str, rng, size: int) -> np.ndarray:
+    from PIL import Image
+
+    if kind == "pixels":
+        return rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+    if kind == "gaussian":
+        x = rng.normal(rng.uniform(0, 255), rng.uniform(60, 100), (size, size, 3))
+        return np.clip(x, 0, 255).astype(np.uint8)
+    k = int(rng.integers(4, 17) if kind == "smooth" else rng.integers(3, 9))
+    small = Image.fromarray(rng.integers(0, 256, (k, k, 3)).astype(np.uint8))
+    return np.asarray(small.resize((size, size), Image.BILINEAR if kind == "smooth"
+                                   else Image.NEAREST))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_noise_scores_nothing(seed):
+    """Noise of several kinds (pixels, wide gaussian, smooth colour fields, random colour
+    blocks) at random sizes, against random held-out captions: it shows no background, so no
+    objects (MIN_BACKGROUND); almost no attribute is right."""
+    rng = np.random.default_rng(seed)
+    captions = [c for _, c, _ in shapes.heldout(120)]
+    for kind in ("pixels", "gaussian", "smooth", "blocks"):
+        imgs = [_noise(kind, rng, int(rng.choice([64, 128, 256]))) for _ in range(15)]
+        caps = [captions[int(rng.integers(len(captions)))] for _ in imgs]
+        res = detect.score(imgs, caps)
+        worst = max(sum(a["ok"] for a in d) / len(d) for d in res["details"])
+        assert res["overall"] <= 0.05 and worst <= 0.5, \
+            f"seed {seed}, {kind}: {detect.format_score(res)}, best image {worst:.2f}"
+        if kind == "pixels":
+            assert all(detect.detect(i)["background"] is None for i in imgs), f"seed {seed}"
+
+
 def test_empty_image_gets_only_the_background():
     img = np.zeros((128, 128, 3), np.uint8)
     img[:] = shapes.PALETTE["green"]

@@ -183,6 +183,38 @@ def test_without_a_record_a_non_empty_directory_is_never_replaced(tmp_path):
     assert snapshot(d) == {"mine.txt": b"x"} and leftovers(tmp_path, {"d"}) == []
 
 
+def test_a_staged_directory_gets_the_usual_modes(tmp_path):
+    """Writers that make private files (safetensors, mkstemp) leave files others can read,
+    as the umask says; executables stay executable."""
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "out"
+        with staged_directory(d) as stage:
+            for name, mode in (("private", 0o600), ("tool", 0o700), ("odd", 0o640)):
+                (stage / name).write_text(name)
+                os.chmod(stage / name, mode)
+            (stage / "sub").mkdir()
+            (stage / "sub" / "deep").write_text("x")
+            os.chmod(stage / "sub" / "deep", 0o600)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(d).as_posix(): p.stat().st_mode & 0o777
+             for p in d.rglob("*") if p.is_file()}
+    assert modes == {"private": 0o644, "tool": 0o755, "odd": 0o644, "sub/deep": 0o644}
+
+
+def test_make_tiny_weights_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        r = CliRunner().invoke(export_app, ["make-tiny", str(tmp_path / "t")])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "t").glob("*.safetensors")
+            } == {n: 0o644 for n in ("ae.safetensors", "model.safetensors",
+                                     "projector.safetensors", "vision_head.safetensors")}
+
+
 # -- exports, engine directories, quantized checkpoints, calibration files ----------------------
 
 

@@ -545,6 +545,29 @@ def test_redact_keeps_only_the_last_part_of_every_absolute_path():
         assert redact(kept) == kept
 
 
+def test_an_unknown_route_is_named_as_the_client_sent_it(session):
+    """A 404 or 405 names the request's whole path (it is the client's, not the server's),
+    cut to 200 characters, on one line."""
+    seed = 5107
+    rng = random.Random(seed)
+    c, _ = client_for(session)
+    with c:
+        for i in range(12):
+            parts = [rng.choice(["v1", "images", "a", "tmp", "x" * rng.randint(1, 60)])
+                     for _ in range(rng.randint(1, 6))]
+            path = "/" + "/".join(parts)
+            if path in ROUTES:
+                continue
+            r = c.get(path)
+            msg = r.json()["error"]["message"]
+            case = f"seed {seed} case {i}: {path}"
+            assert r.status_code == 404 and "\n" not in msg, (case, msg)
+            shown = path if len(path) <= 200 else path[:197] + "..."
+            assert msg.startswith(f"GET {shown}: Not Found"), (case, msg)
+        r = c.delete("/v1/models")
+        assert r.json()["error"]["message"].startswith("DELETE /v1/models: Method Not Allowed")
+
+
 def test_n_is_checked_against_the_servers_own_limit(session):
     seed = 5106
     rng = random.Random(seed)

@@ -613,34 +613,55 @@ def export(cfg: DemoConfig, work: Path, out: Path, dtype: torch.dtype = torch.bf
 # Command line
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The module's description as written, and every option's default (unless None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=ROOT / "bitdance_rt" / "demo" / "weights",
-                    help="release checkpoint directory written at the end")
+                                 formatter_class=_HelpFormatter)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="release checkpoint directory written at the end (stages all, ar, "
+                    "export; required there: the shipped weights are bitdance_rt/demo/weights "
+                    "and are replaced only when named)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bitdance-demo-work"),
                     help="training states (resumable) and the tokenizer used in training")
-    ap.add_argument("--stage", choices=("ae", "ar", "all", "export"), default="all")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    ap.add_argument("--stage", choices=("ae", "ar", "all", "export"), default="all",
+                    help="ae: the autoencoder; ar: the LLM and head (then export); all: both")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                    help="demo: the shipped model's sizes; smoke: tiny widths, a run of a few "
+                    "seconds to try the stages")
     ap.add_argument("--override", type=json.loads, default=None,
                     help='JSON object of DemoConfig fields to change, e.g. \'{"ae_lr": 5e-4}\'')
-    ap.add_argument("--ae-steps", type=int, default=None)
-    ap.add_argument("--ar-steps", type=int, default=None)
-    ap.add_argument("--ar-batch", type=int, default=None)
+    ap.add_argument("--ae-steps", type=int, default=None, help="steps of the ae stage (not given: the preset's)")
+    ap.add_argument("--ar-steps", type=int, default=None,
+                    help="length of the AR schedule (not given: the preset's)")
+    ap.add_argument("--ar-batch", type=int, default=None, help="captions per AR step "
+                    "(not given: the preset's)")
     ap.add_argument("--resume", action="store_true", help="continue from the states in --work")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="end the AR stage after this step (the schedule still spans "
                     "--ar-steps); --resume continues from there")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0, help="data, noise and initialization")
+    ap.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    ap.add_argument("--save-every", type=int, default=100,
+                    help="steps between resumable states in --work")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                     help="weights on disk in the release directory")
     ap.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA")
     ap.add_argument("--steps", type=int, default=None, help="default sampler steps to declare")
     ap.add_argument("--guidance", type=float, default=None, help="default guidance to declare")
     args = ap.parse_args(argv)
+    if args.stage in ("all", "ar", "export") and args.out is None:
+        ap.error(f"--stage {args.stage} writes a checkpoint directory: name it with --out DIR "
+                 "(e.g. --out my-demo; --out bitdance_rt/demo/weights replaces the shipped model)")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -52,7 +52,9 @@ def calibrate_cmd(
 
     calib = calibrate_checkpoint(checkpoint, out, texts, steps=steps, height=height,
                                  width=width, seed=seed, device=device, dtype=dtype,
-                                 on_step=progress_bar("calibrating", progress),
+                                 on_step=progress_bar(f"calibrating {len(texts)} prompt"
+                                                      f"{'s' if len(texts) != 1 else ''}, AR "
+                                                      "blocks", progress),
                                  on_first=first_prompt)
     m = calib.meta
     typer.echo(f"wrote {out}: {len(calib.amax)} layers, {m['samples']} prompts (hash "

@@ -74,9 +74,15 @@ def create_app(service: ImageService, load: str = "background", on_fail=None) ->
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):  # 404, 405: OpenAI's error shape too
-        return error_response(ApiError(e.status_code, f"{request.method} {request.url.path}: "
-                                       f"{e.detail}; the routes are: {', '.join(ROUTES)}",
-                                       headers=dict(e.headers or {})), service)
+        # the client's own path is named as sent (cut to 200 characters), never redacted
+        path = " ".join(request.url.path.split())
+        path = path if len(path) <= 200 else path[:197] + "..."
+        err = ApiError(e.status_code, service.public(f"{e.detail}; the routes are: "
+                                                     f"{', '.join(ROUTES)}"),
+                       headers=dict(e.headers or {}))
+        body = err.body()
+        body["error"]["message"] = f"{request.method} {path}: {err.message}"
+        return JSONResponse(body, err.status, headers=err.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):  # a bug: the log has the traceback
