@@ -162,7 +162,8 @@ def summarize(paths: list[Path]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=WEIGHTS_DIR)
-    ap.add_argument("--n", type=int, default=120, help="held-out prompts (at least 100)")
+    ap.add_argument("--n", type=int, default=120, help="held-out prompts (120: the README's "
+                    "table; 20 for a half-minute look)")
     ap.add_argument("--guidance", default="default,1.0",
                     help="comma-separated scales; 'default' = the model's own")
     ap.add_argument("--steps", type=int, default=None, help="default: the model's own")

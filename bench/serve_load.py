@@ -199,7 +199,8 @@ def main():
                 r = run_level(url, c, args.requests, fields, args.seed, args.api_key,
                               args.timeout)
                 results[name].append(r)
-                print(f"{name} c={c}: {r['images_per_s']:.3f} img/s, p50 {r['p50_s']}, "
+                p50 = "-" if r["p50_s"] is None else f"{r['p50_s']:.2f} s"
+                print(f"{name} c={c}: {r['images_per_s']:.3f} img/s, p50 {p50}, "
                       f"errors {r['errors']}", file=sys.stderr)
     finally:
         for proc in procs:

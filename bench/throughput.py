@@ -22,8 +22,9 @@ and ``torch``):
   elsewhere it is ``F.linear``). With ``--dtype bfloat16`` their fp32 weights run under
   ``torch.autocast(bf16)``, and on CUDA with ``set_float32_matmul_precision("high")`` and
   deterministic cuDNN, as their ``sample_ddp.py`` does.
-- ``reference``, ``torch``: ``bitdance_rt.imagenet.sample.generate(model, labels, steps,
-  guidance, seed, backend)`` (the model's weights in ``--dtype``).
+- ``reference``, ``torch``, ``onnxruntime``: ``bitdance_rt.imagenet.sample.generate(model,
+  labels, steps, guidance, seed, runner)`` (the model's weights in ``--dtype``; onnxruntime:
+  the graphs of ``--export-dir``, an export of ``--checkpoint``, loaded before the runs).
 
 Weights: ``--preset NAME[,NAME...]`` builds random weights, a pure function of ``--weights-seed``
 (drawn on the run's device): ``tiny``, ``tiny-4x``, ``tiny-16x`` are make-tiny's checkpoints
@@ -73,7 +74,8 @@ from bitdance_rt.imagenet.transformer import ClassConditionalTransformer, rope_t
 from bitdance_rt.models.autoencoder import BinaryAutoencoder  # noqa: E402
 
 TINY = {"tiny": 1, "tiny-1x": 1, "tiny-4x": 4, "tiny-16x": 16}
-OURS = sample.BACKENDS  # ("torch", "reference")
+OURS = sample.BACKENDS  # ("torch", "reference", "onnxruntime")
+ORT_PARITY = 0.999
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_runners(names, model, authors, labels, guidance, seed, device, dtype):
+def make_runners(names, model, authors, labels, guidance, seed, device, dtype, export_dir=None):
     """name -> run(steps) giving uint8 images ``[B, H, W, 3]`` on the CPU."""
     runners = {}
     for name in names:
@@ -262,8 +264,10 @@ def make_runners(names, model, authors, labels, guidance, seed, device, dtype):
                 return (torch.clamp(127.5 * samples + 128.0, 0, 255).permute(0, 2, 3, 1)
                         .to("cpu", dtype=torch.uint8))
         else:
-            def run(steps, backend=name):
-                return sample.generate(model, labels, steps, guidance, seed, backend)
+            runner = sample.steps_for(model, name, export_dir)  # loaded once, outside the runs
+
+            def run(steps, runner=runner):
+                return sample.generate(model, labels, steps, guidance, seed, runner)
         runners[name] = run
     return runners
 
@@ -374,7 +378,8 @@ def run_preset(args, label, device, dtype, out, tmp: Path) -> dict:
     print(f"{label}: {spec.dim} x {spec.n_layer}, {spec.parallel_num} tokens per step, "
           f"{spec.num_blocks} AR steps, {spec.image_size}px; ready in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    runners = make_runners(names, model, authors, labels, guidance, args.seed, device, dtype)
+    runners = make_runners(names, model, authors, labels, guidance, args.seed, device, dtype,
+                           args.export_dir)
     rows = {n: {"runner": n, "batch": args.batch, "seconds": [], "same_every_run": True}
             for n in names}
     result = {"preset": label, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -409,14 +414,24 @@ def run_preset(args, label, device, dtype, out, tmp: Path) -> dict:
             write_json(args.json, out)
     exact = device.type == "cpu" and dtype == torch.float32
     result["exact_expected"] = exact
+    # the PyTorch runners are held to bit-for-bit equality; ONNX Runtime's own kernels to its
+    # parity: >= 99.9% of the uint8 values identical (as `bitdance-export check` requires)
     result["exact"] = all(r.get(f"identical_to_{b}") is None
                           or r[f"identical_to_{b}"]["images"] == r[f"identical_to_{b}"]["of"]
-                          for r in rows.values() for b in ("authors", "reference"))
+                          for r in rows.values() if r["runner"] != "onnxruntime"
+                          for b in ("authors", "reference"))
+    result["parity"] = all(r.get(f"identical_to_{b}") is None
+                           or r[f"identical_to_{b}"]["values"] >= ORT_PARITY
+                           for r in rows.values() if r["runner"] == "onnxruntime"
+                           for b in ("authors", "reference"))
     result["complete"] = True
     print_table(result)
     if exact:
-        print("bit for bit (CPU, float32): " + ("every image identical" if result["exact"]
-                                                  else "NOT IDENTICAL"))
+        print("bit for bit (CPU, float32; PyTorch runners): "
+              + ("every image identical" if result["exact"] else "NOT IDENTICAL"))
+        if "onnxruntime" in rows:
+            print(f"onnxruntime: >= {100 * ORT_PARITY:g}% of uint8 values identical: "
+                  + ("yes" if result["parity"] else "NO"))
     write_json(args.json, out)
     del runners, model, authors
     if device.type == "cuda":
@@ -436,8 +451,11 @@ def parse_args(argv=None):
     ap.add_argument("--authors", type=Path, default=None,
                     help="the authors' imagenet_gen directory (holding src/): adds their runner")
     ap.add_argument("--runners", default=None,
-                    help="comma-separated: authors, reference, torch (default: authors when "
-                    "--authors is given, reference, torch)")
+                    help="comma-separated: authors, reference, torch, onnxruntime (default: "
+                    "authors when --authors is given, reference, torch)")
+    ap.add_argument("--export-dir", type=Path, default=None,
+                    help="for the onnxruntime runner: `bitdance-export --checkpoint DIR --out "
+                    "EXPORT` of the --checkpoint")
     ap.add_argument("--batch", type=int, default=16, help="images per run")
     ap.add_argument("--steps", type=int, default=None, help="head steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
@@ -459,6 +477,9 @@ def parse_args(argv=None):
     if bad or not args.runners or len(set(args.runners)) != len(args.runners):
         ap.error(f"--runners takes distinct names of authors, {', '.join(OURS)}; "
                  f"got {','.join(args.runners)}")
+    if "onnxruntime" in args.runners and (args.export_dir is None or args.checkpoint is None):
+        ap.error("the onnxruntime runner needs --checkpoint DIR and --export-dir EXPORT (its "
+                 "export: bitdance-export --checkpoint DIR --out EXPORT)")
     if "authors" in args.runners and args.authors is None:
         ap.error("the authors runner needs --authors PATH (the directory holding their src/)")
     if args.authors is not None:
@@ -498,7 +519,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bitdance-throughput-") as tmp:
         for label in args.presets or [Path(args.checkpoint).name]:
             result = run_preset(args, label, device, dtype, out, Path(tmp))
-            ok &= result["exact"] or not result["exact_expected"]
+            ok &= (result["exact"] and result["parity"]) or not result["exact_expected"]
     out["complete"] = True
     write_json(args.json, out)
     if args.json:

@@ -367,20 +367,21 @@ def weights_size(ckpt_dir, element_bytes: int | None = None, llm_share: float = 
     return int(total)
 
 
-def weights_fingerprint(ckpt_dir, samples: int = 16, chunk: int = 4096) -> str:
+def weights_fingerprint(ckpt_dir, samples: int = 16, chunk: int = 4096, files=None) -> str:
     """A quick fingerprint of a checkpoint's weights (milliseconds, even at 14B).
 
     Per weight file, in order: its name and size, its safetensors header (every key with its
     dtype, shape and offsets) and ``samples`` evenly spaced ``chunk``-byte pieces of the tensor
     data (small files whole). Another architecture changes the headers; other values of the
     same architecture (another seed, a fine-tune) change the sampled bytes. It is not a hash of
-    every byte: a change confined to bytes between the samples goes unnoticed.
+    every byte: a change confined to bytes between the samples goes unnoticed. ``files``: the
+    weight files to take (default: a text-to-image checkpoint's, :func:`weight_files`).
     """
     import hashlib
     import struct
 
     h = hashlib.sha256()
-    for path in weight_files(ckpt_dir):
+    for path in (weight_files(ckpt_dir) if files is None else files):
         size = path.stat().st_size
         h.update(f"{path.name}:{size}\n".encode())
         with open(path, "rb") as f:

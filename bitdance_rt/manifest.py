@@ -51,6 +51,14 @@ MANIFEST = "manifest.json"
 FORMAT = 4  # 3: sha256 of every graph file; native attention (per-layer caches in and out);
 #            4: the plugin form's node is bitdance::kv_attend (it reads the cache only)
 GRAPHS = ("prefill", "block_step", "head_prepare", "head_step", "decoder")
+# The class-conditional (ImageNet) family's graphs: its transformer's first and next AR steps,
+# then the same head and decoder graphs
+IMAGENET_GRAPHS = ("first_step", "next_step", "head_prepare", "head_step", "decoder")
+
+
+def graph_names(manifest: dict) -> tuple:
+    """The graphs of an export, by its model family."""
+    return IMAGENET_GRAPHS if manifest.get("family") == "imagenet" else GRAPHS
 
 # Inputs the runtime feeds each graph besides a native graph's caches (a directory from another
 # version may differ).
@@ -60,6 +68,8 @@ GRAPH_INPUTS = {
     "head_prepare": {"cond", "times"},
     "head_step": {"x", "coeffs", "noise", "ada_mod", "final_mod", "guidance"},
     "decoder": {"latent"},
+    "first_step": {"labels"},
+    "next_step": {"tokens", "past_keys", "past_values"},
 }
 STACKED_CACHE = ("k_cache", "v_cache")  # block_step of standard and plugin graphs
 LLM_GRAPHS = ("prefill", "block_step")
@@ -104,6 +114,7 @@ GRAPH_SCHEMA = {
 }
 MANIFEST_SCHEMA = {
     "format": int, "config_hash": str, "dtype": str, "parallel_num": POSITIVE,
+    "family": Opt(str), "past_range": Opt([POSITIVE]),
     "graphs": MapOf(GRAPH_SCHEMA),
     "limits": {"max_batch": POSITIVE, "max_rows": POSITIVE, "max_seq": POSITIVE},
     "preset": Opt(Nullable(str)), "checkpoint_config_hash": Opt(Nullable(str)),
@@ -165,7 +176,7 @@ def check_model(manifest: dict, spec, engine_dir) -> None:
         "re-export from this checkpoint or pass the matching --checkpoint")
 
 
-def check_weights(manifest: dict, ckpt_dir, engine_dir) -> None:
+def check_weights(manifest: dict, ckpt_dir, engine_dir, files=None) -> None:
     """Refuse a directory exported from other weights of the same architecture (another seed,
     a fine-tune): the manifest's weights fingerprint must match the checkpoint's. Exports of
     an in-memory model carry none and are not checked."""
@@ -174,7 +185,7 @@ def check_weights(manifest: dict, ckpt_dir, engine_dir) -> None:
     want = manifest.get("weights_fingerprint")
     if want is None or ckpt_dir is None:
         return
-    have = weights_fingerprint(ckpt_dir)
+    have = weights_fingerprint(ckpt_dir, files=files)
     if have != want:
         raise EngineError(
             f"{engine_dir} was exported from other weights (fingerprint {want}) than the "
@@ -182,10 +193,11 @@ def check_weights(manifest: dict, ckpt_dir, engine_dir) -> None:
             "re-export from this checkpoint or pass the checkpoint it was exported from")
 
 
-def check_files(manifest: dict, engine_dir, names=GRAPHS) -> None:
-    """Every file of the graphs ``names`` exists inside the directory and has the size and the
-    content (sha256) the export wrote."""
+def check_files(manifest: dict, engine_dir, names=None) -> None:
+    """Every file of the graphs ``names`` (default: every graph of the export's family) exists
+    inside the directory and has the size and the content (sha256) the export wrote."""
     d = Path(engine_dir)
+    names = graph_names(manifest) if names is None else names
     fix = f"re-run `bitdance-export` into {d}"
     hashes = {}
     for name in names:

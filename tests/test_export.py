@@ -581,3 +581,24 @@ def test_full_width_14b_two_layers(tmp_path):
     print(check.format_table(rows, {"dtype": "fp16"}), f"\n{time.perf_counter() - t0:.0f}s")
     assert {r.graph for r in rows} == {"prefill", "block_step", "head_prepare", "decoder"}
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
+def test_export_default_max_seq_fits_the_models_positions(monkeypatch, tmp_path):
+    """Without --max-seq the export takes 4608 KV slots, or every position of a model that has
+    fewer (the demo model: 4096); a given --max-seq is taken as given (and checked)."""
+    import bitdance_rt.export as export_pkg
+    from bitdance_rt.cli import export_app
+    from bitdance_rt.demo import WEIGHTS_DIR
+
+    seen = []
+
+    def fake(checkpoint, out, **kw):
+        seen.append(kw["max_seq"])
+        return {"graphs": {}, "preset": "x", "dtype": "fp32", "attention": "standard"}
+
+    monkeypatch.setattr(export_pkg, "export_checkpoint", fake)
+    for extra, want in (([], 4096), (["--max-seq", "2000"], 2000)):
+        r = CliRunner().invoke(export_app, ["--checkpoint", str(WEIGHTS_DIR), "--out",
+                                            str(tmp_path / "o")] + extra)
+        assert r.exit_code == 0, r.output
+        assert seen[-1] == want, (extra, seen)

@@ -66,6 +66,18 @@ def test_gpu_check_limits_fit_one_call_and_the_header_says_them():
     assert f"({len(written)} files in $OUT; at most 8 can)" in header
 
 
+def test_gpu_check_names_test_files_that_exist():
+    """Every test file the GPU step runs is there (a missing one ran no test at all under
+    pytest-xdist and passed), and each holds tests marked gpu."""
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    files = re.findall(r"\b(tests/test_\w+\.py)\b", text.split("step pytest_gpu", 1)[1]
+                       .split("\nstep ", 1)[0])
+    assert files, "the pytest_gpu step names no test file"
+    for f in files:
+        assert (ROOT / f).is_file(), f"bench/gpu_check.sh runs {f}, which does not exist"
+        assert "mark.gpu" in (ROOT / f).read_text(), f"{f} has no test marked gpu"
+
+
 def load_bench(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

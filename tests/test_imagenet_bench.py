@@ -62,7 +62,7 @@ def test_throughput_json_holds_measured_rows(tmp_path, capsys):
     assert result["exact_expected"] is True and result["exact"] is True
     printed = capsys.readouterr().out
     assert "runner" in printed and "img/s" in printed and "/ authors" in printed
-    assert "bit for bit (CPU, float32): every image identical" in printed
+    assert "bit for bit (CPU, float32; PyTorch runners): every image identical" in printed
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -52,7 +52,8 @@ def export_main(
                                   "checks it)."),
     max_seq: int = typer.Option(4608, "--max-seq", help="Most KV slots per sequence (prompt + "
                                 "image tokens; recorded and checked; the static cache length "
-                                "of --attention native graphs)."),
+                                "of --attention native graphs). Default: 4608, or the model's "
+                                "positions when it has fewer."),
     num_layers: Optional[int] = typer.Option(
         None, "--num-layers", help="Keep only the first K LLM layers (full-width test "
         "exports); such a directory is refused for generation."),
@@ -82,9 +83,23 @@ def export_main(
         raise typer.Exit(2)
     if checkpoint is None or out is None:
         raise BitDanceError("exporting needs both --checkpoint DIR and --out DIR")
+    from ..imagenet.checkpoint import family_of
+
+    if family_of(checkpoint) is not None:
+        return _export_imagenet(ctx, checkpoint, out, dtype=dtype, model=model,
+                                max_batch=max_batch, num_layers=num_layers, attention=attention,
+                                engines=engines, build={"target": target,
+                                                        "timing_cache": timing_cache,
+                                                        "opt_size": opt_size,
+                                                        "opt_batch": opt_batch, "flavor": trt})
     from ..export import export_checkpoint
     from ..export.build import export_with_engines
 
+    if getattr(ctx.get_parameter_source("max_seq"), "name", "") != "COMMANDLINE":
+        from ..checkpoint import read_spec
+
+        # the default, or all the positions of a model that has fewer (the demo model: 4096)
+        max_seq = min(max_seq, read_spec(checkpoint).llm.max_position_embeddings)
     if dtype.lower() in ("bf16", "bfloat16") and not engines:
         import torch
 
@@ -106,6 +121,41 @@ def export_main(
     size = sum(sum(g["files"].values()) for g in manifest["graphs"].values())
     typer.echo(f"wrote {out / 'manifest.json'} ({manifest['preset']}, {manifest['dtype']}, "
                f"--attention {manifest['attention']}, {size / 1e9:.2f} GB in all"
+               + (", engines in " + str(out / "engines") if engines else "")
+               + f") in {time.perf_counter() - start:.1f}s")
+
+
+def _export_imagenet(ctx, checkpoint: Path, out: Path, *, dtype, model, max_batch, num_layers,
+                     attention, engines, build) -> None:
+    """``bitdance-export --checkpoint DIR`` of a class-conditional ImageNet checkpoint."""
+    from ..export import imagenet as imagenet_export
+
+    def given_here(name: str) -> bool:  # on the command line (not a default)
+        return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+    given = [f"--{n.replace('_', '-')}" for n in ("model", "num_layers", "attention", "max_seq")
+             if given_here(n)]
+    if given:
+        raise BitDanceError(f"{', '.join(given)}: not for a class-conditional ImageNet "
+                            "checkpoint (its graphs keep the cache in the runtime, the standard "
+                            "form, with the model's own sequence length); leave "
+                            f"{'it' if len(given) == 1 else 'them'} out")
+    if not given_here("max_batch"):
+        max_batch = imagenet_export.DEFAULT_MAX_BATCH
+    start = time.perf_counter()
+    finish = None
+    if engines:
+        from ..export.build import build_engines
+
+        def finish(stage: Path) -> None:
+            build_engines(stage, progress=typer.echo, **build)
+    manifest = imagenet_export.export_checkpoint(checkpoint, out, dtype=dtype,
+                                                 max_batch=max_batch, progress=typer.echo,
+                                                 finish=finish)
+    size = sum(sum(g["files"].values()) for g in manifest["graphs"].values())
+    typer.echo(f"wrote {out / 'manifest.json'} (imagenet, {manifest['preset']}, "
+               f"{manifest['dtype']}, up to {manifest['limits']['max_batch']} images per call, "
+               f"{size / 1e9:.2f} GB in all"
                + (", engines in " + str(out / "engines") if engines else "")
                + f") in {time.perf_counter() - start:.1f}s")
 

@@ -26,8 +26,9 @@ def progress_bar(label: str, enabled: bool = True):
             if tenth != state["last"]:
                 state["last"] = tenth
                 spent = time.perf_counter() - state["t0"]
+                # the time left once a tenth is done (the first steps include warm-up)
                 left = f", about {spent * (total - done) / done:.0f}s left" \
-                    if 0 < done < total else ""
+                    if total <= 10 * done < 10 * total else ""
                 print(f"{label} {done}/{total} {spent:.1f}s{left}", file=sys.stderr, flush=True)
         return plain
 
@@ -186,9 +187,13 @@ def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guida
     if label is None:
         raise BitDanceError(f"{checkpoint} is a class-conditional ImageNet checkpoint: give "
                             "--class, an index 0..999 or an ImageNet class name")
-    if backend not in sample.BACKENDS or engine_dir is not None:
-        raise BitDanceError(f"--backend {backend}{' --export-dir' if engine_dir else ''}: "
-                            "ImageNet checkpoints run with --backend torch or reference")
+    if backend not in sample.BACKENDS:
+        raise BitDanceError(f"--backend {backend}: ImageNet checkpoints run with --backend "
+                            f"{', '.join(sample.BACKENDS)}")
+    if (backend == "onnxruntime") != (engine_dir is not None):
+        raise BitDanceError("--backend onnxruntime and --export-dir go together for ImageNet "
+                            "checkpoints (the graphs of `bitdance-export --checkpoint DIR "
+                            "--out EXPORT`)")
     if compile or timings:
         raise BitDanceError("--compile and --timings are not available for ImageNet "
                             "checkpoints; leave them out")
@@ -198,8 +203,10 @@ def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guida
     configs = imagenet_checkpoint.load(checkpoint, weights=False)
     req = ClassRequest(label, num_images, seed, steps, guidance).resolved(configs, height, width)
     check_output(out, num_images, (configs.spec.image_size,) * 2)  # and room for them
-    model = imagenet_checkpoint.load(checkpoint, dt, dev)
-    images = sample.generate(model, req.labels, req.steps, req.guidance, req.seed, backend,
+    graphs = backend == "onnxruntime"  # the graphs hold the weights
+    model = imagenet_checkpoint.load(checkpoint, dt, dev, weights=not graphs)
+    runner = sample.steps_for(model, backend, engine_dir)
+    images = sample.generate(model, req.labels, req.steps, req.guidance, req.seed, runner,
                              on_step=progress_bar("AR steps", progress))
     save_pngs(images.cpu().numpy(), paths, req.metadata(model, backend))
     for path in paths:

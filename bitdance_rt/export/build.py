@@ -28,8 +28,9 @@ from typing import Callable
 from ..errors import BitDanceError, EngineError
 from .. import signals
 from ..files import atomic_path, staged_directory
-from ..manifest import (ENGINES, ENGINES_FORMAT, ENGINES_SUBDIR, GRAPHS, MANIFEST, check_files,
-                        engine_files, graph_file, read_manifest, remember_hashes, sha256_file)
+from ..manifest import (ENGINES, ENGINES_FORMAT, ENGINES_SUBDIR, MANIFEST, check_files,
+                        engine_files, graph_file, graph_names, read_manifest, remember_hashes,
+                        sha256_file)
 from ..spec import LATENT_STRIDE
 from .. import trt as trt_compat
 from .common import check_out_dir
@@ -139,7 +140,12 @@ def dim_ranges(manifest: dict, opt_size=None, opt_batch: int | None = None) -> d
     def clamp(lo, opt, hi):
         return lo, max(lo, min(opt, hi)), hi
 
+    ranges = {}
+    if manifest.get("past_range"):  # the class-conditional family's cache length
+        lo, hi = manifest["past_range"]
+        ranges["past"] = clamp(lo, (lo + hi) // 2, hi)
     return {
+        **ranges,
         "batch": clamp(1, ob, max_batch),
         "rows": clamp(1, 2 * ob, max_rows),
         "prompt_len": clamp(1, OPT_PROMPT, max(1, slots - p)),
@@ -297,7 +303,8 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
                               dtype=manifest["dtype"], target=target, flavor=flavor,
                               timing_cache=timing_cache, opt_size=opt_size, opt_batch=opt_batch)
     out = Path(out) if out is not None else export / ENGINES_SUBDIR
-    writes = {ENGINES, MANIFEST} | {f"{name}.engine" for name in GRAPHS}
+    graphs = graph_names(manifest)
+    writes = {ENGINES, MANIFEST} | {f"{name}.engine" for name in graphs}
     check_out_dir(out, "engine directory", ENGINES, engine_files, writes,
                   size=sum(n for g in manifest["graphs"].values() for n in g["files"].values()))
     names, caps = resolve_targets(fl, target)
@@ -315,7 +322,7 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
     inside = out.absolute().parent.resolve() == export.resolve()
     engines = {}
     with staged_directory(out, engine_files, "engine directory") as stage:
-        for i, name in enumerate(GRAPHS):
+        for i, name in enumerate(graphs):
             graph = manifest["graphs"][name]
             profile = graph_profile(graph, ranges)
             t0 = time.perf_counter()
@@ -329,7 +336,7 @@ def build_engines(export_dir, out=None, *, target: str = "auto", timing_cache=No
             size = (stage / file).stat().st_size
             engines[name] = {"file": file, "bytes": size, "sha256": sha256_file(stage / file),
                              "build_s": round(seconds, 2), "profile": profile}
-            say(f"[{i + 1}/{len(GRAPHS)}] {name}: {file} ({size / 1e6:.1f} MB) in "
+            say(f"[{i + 1}/{len(graphs)}] {name}: {file} ({size / 1e6:.1f} MB) in "
                 f"{seconds:.1f}s ({fl.label} {fl.version}, {', '.join(names)})")
         shutil.copyfile(export / MANIFEST, stage / MANIFEST)
         onnx = {f: sha for g in manifest["graphs"].values() for f, sha in g["sha256"].items()}

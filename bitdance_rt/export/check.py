@@ -26,7 +26,7 @@ from ..checkpoint import load_checkpoint
 from ..errors import BitDanceError, EngineError
 from . import block_step, decoder, head_prepare, head_step, prefill
 from .. import dtypes
-from ..manifest import (GRAPHS, check_files, check_model, check_weights, graph_file,
+from ..manifest import (GRAPHS, IMAGENET_GRAPHS, check_files, check_model, check_weights, graph_file,
                         ort_session_options, read_manifest)
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
@@ -193,6 +193,9 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
         raise BitDanceError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     d = Path(engine_dir)
     manifest = read_manifest(d)
+    imagenet = manifest.get("family") == "imagenet"
+    if imagenet and graphs == GRAPHS:
+        graphs = IMAGENET_GRAPHS
     check_files(manifest, d, graphs)
     dtype = manifest["dtype"]
     if dtype not in TOLERANCE:
@@ -208,14 +211,26 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
         if not ckpt or not Path(ckpt).is_dir():
             raise EngineError(f"check needs the checkpoint {d} was exported from; pass "
                               "--checkpoint DIR" + (f" ({ckpt} does not exist)" if ckpt else ""))
-        model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype),
-                                num_layers=manifest.get("num_layers"))
-        check_weights(manifest, ckpt, d)
+        if imagenet:
+            from ..imagenet.checkpoint import weight_files
+            from .imagenet import load_for_check
+
+            model = load_for_check(ckpt, dtypes.parse(dtype))
+            check_weights(manifest, ckpt, d, files=weight_files(ckpt))
+        else:
+            model = load_checkpoint(ckpt, dtype=dtypes.parse(dtype),
+                                    num_layers=manifest.get("num_layers"))
+            check_weights(manifest, ckpt, d)
     check_model(manifest, model.spec, d)
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     slots = manifest.get("cache_slots") if manifest.get("attention") == "native" else None
-    all_cases = cases(model, gen, slots)
+    if imagenet:
+        from . import imagenet as family
+
+        all_cases, outputs = family.check_cases(model, gen), family.pytorch_outputs()
+    else:
+        all_cases, outputs = cases(model, gen, slots), PYTORCH_OUTPUTS
     rows = []
     opts = ort_session_options(manifest, cpu=True)
     tolerance = gate(manifest)
@@ -235,7 +250,7 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
                 raise EngineError(f"{path.name} takes the inputs {', '.join(got)}, not those the "
                                   f"manifest lists for {name} ({', '.join(want)}); re-run the "
                                   "export")
-            ref_fn = lambda feeds, name=name: PYTORCH_OUTPUTS[name](model, feeds)  # noqa: E731
+            ref_fn = lambda feeds, name=name: outputs[name](model, feeds)  # noqa: E731
             for case, feeds in all_cases[name]:
                 rows += _compare(name, case, session, ref_fn, feeds, dtype, tolerance)
             del session
@@ -247,8 +262,9 @@ def format_table(rows: list[Row], manifest: dict) -> str:
             f"{'rel/scale':>11}{'identical':>11}  result")
     lines = [head, "-" * len(head)]
     for r in rows:
+        rel = "-" if r.max_rel != r.max_rel else f"{r.max_rel:.3e}"  # nan: every value equal
         lines.append(f"{r.graph:<13}{r.case[:17]:<18}{r.output:<15}{r.max_abs:>11.3e}"
-                     f"{r.max_rel:>11.3e}{r.scaled_rel:>11.3e}{100 * r.identical:>10.2f}%  "
+                     f"{rel:>11}{r.scaled_rel:>11.3e}{100 * r.identical:>10.2f}%  "
                      f"{'ok' if r.passed else 'FAIL'}")
     dtype = manifest["dtype"]
     levels, same = IMAGE_GATE[dtype]

@@ -41,6 +41,11 @@ SCHEMA = {"family": str, "format": int, "name": str, "architecture": MapOf((int,
           "defaults": {"steps": int, "guidance": float}}
 
 
+def weight_files(path) -> list[Path]:
+    """The weight files of a converted directory (its weights fingerprint covers these)."""
+    return [Path(path) / MODEL_FILE, Path(path) / AE_FILE]
+
+
 def family_of(path) -> str | None:
     """``"imagenet"`` for a directory of this family, else None (a text-to-image checkpoint,
     or not a checkpoint). Reads only the small JSON file."""

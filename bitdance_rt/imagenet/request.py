@@ -44,9 +44,15 @@ class ClassRequest:
         return [int(self.label)] * self.num_images
 
     def metadata(self, model: ImageNetModel, backend: str) -> dict:
-        """The settings that made the images (PNG text chunks)."""
-        return {"family": "imagenet", "model": model.name, "class": int(self.label),
+        """The settings that made the images (PNG text chunks), as the text-to-image path
+        records them: the request, the checkpoint and model, the backend, device and dtype."""
+        from .. import dtypes
+
+        return {"family": "imagenet", "class": int(self.label),
                 "class_name": class_name(int(self.label)), "seed": self.seed,
-                "steps": self.steps, "guidance": self.guidance, "backend": backend,
+                "steps": self.steps, "guidance": self.guidance,
                 "size": f"{model.spec.image_size}x{model.spec.image_size}",
-                "num_images": self.num_images}
+                "num_images": self.num_images,
+                "checkpoint": str(model.path.resolve()) if model.path else "",
+                "model": model.name, "backend": backend, "device": str(model.device),
+                "dtype": dtypes.LONG[model.dtype], "software": "bitdance-rt"}

@@ -35,7 +35,7 @@ from ..models.steps import tile_rows, to_uint8
 from ..sampling import sample_block, sample_block_premodulated, step_schedule
 from .checkpoint import ImageNetModel
 
-BACKENDS = ("torch", "reference")
+BACKENDS = ("torch", "reference", "onnxruntime")
 
 
 def guidance_at(guidance: float, k: int, num_blocks: int) -> float:
@@ -45,59 +45,170 @@ def guidance_at(guidance: float, k: int, num_blocks: int) -> float:
     return 1.0 + (guidance - 1.0) * k / num_blocks
 
 
-@torch.no_grad()
-def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, seed: int,
-                    backend: str = "torch",
-                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """The +-1 tokens ``[B, h*w, latent]`` (token order) of ``labels`` (see the module
-    docstring)."""
+class TorchSteps:
+    """The family's steps in PyTorch over the transformer's static KV cache: ``start(rows)``,
+    ``first(labels)`` and ``next(tokens, k)`` (the head condition of AR step 0 and k),
+    ``sample`` (the head's sampler for one AR step), ``decode``, ``finish``. The graph runner
+    (:class:`bitdance_rt.imagenet.graphs.GraphSteps`) has the same calls."""
+
+    def __init__(self, model: ImageNetModel, reference: bool = False,
+                 cuda_graphs: bool | None = None, emulate_graphs: bool = False):
+        """``cuda_graphs``: replay each AR step's head sampling loop as a CUDA graph (default:
+        on CUDA, torch backend); ``emulate_graphs`` runs that code path on the CPU through
+        the graph stand-in (:class:`bitdance_rt.runtime.graphs.RecordedGraph`, for tests)."""
+        self.model, self.reference = model, reference
+        self.name = "reference" if reference else "torch"
+        self.net = model.transformer
+        on_cuda = model.device.type == "cuda"
+        self.emulate = emulate_graphs
+        self.graphs = not reference and (emulate_graphs or (on_cuda and cuda_graphs is not False))
+        self._loops = {}
+
+    def start(self, rows: int) -> None:
+        self.net.setup_cache(rows)
+
+    def first(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.net.head_condition(self.net.first_step(labels), 0)
+
+    def next(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        return self.net.head_condition(self.net.next_step(tokens, k), k)
+
+    def sample(self, cond, noise, guidance, times, coeffs) -> torch.Tensor:
+        head, dtype = self.net.head.net, self.model.dtype
+        if self.reference:
+            return sample_block(lambda x, t, c: head(x.to(dtype), t, c), cond, noise, guidance,
+                                times, coeffs)
+        if self.graphs:
+            key = (cond.shape[0], noise[0].shape[0], len(noise))
+            if key not in self._loops:
+                self._loops[key] = HeadLoop(self, cond, noise, times, coeffs)
+            return self._loops[key](cond, noise, guidance)
+        return sample_block_premodulated(head, cond, noise, guidance, times, coeffs, dtype)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        model, side = self.model, self.model.spec.latent_side
+        latent = tokens_to_latent(tokens.float(), side, side, model.spec.patch)
+        return to_uint8(model.ae.decode(latent.to(model.dtype)))
+
+    def finish(self) -> None:
+        self.net.clear_cache()  # its memory is not kept between runs
+
+
+class HeadLoop:
+    """The head's whole sampling loop of one AR step (N + 1 evaluations and their updates) as
+    one captured graph, per shape (rows, sampled rows, steps). It reads only tensors it owns:
+    the condition, the noise and the guidance of the AR step (the linear schedule changes it
+    every step) are copied into its buffers before each replay."""
+
+    def __init__(self, steps: TorchSteps, cond, noise, times, coeffs):
+        from ..runtime import graphs
+
+        net, dtype = steps.net.head.net, steps.model.dtype
+        self.cond = torch.zeros_like(cond)
+        self.noise = torch.zeros((len(noise), *noise[0].shape), device=cond.device)
+        self.guidance = torch.ones((), device=cond.device)
+        self.times, self.coeffs = times.clone(), coeffs.clone()  # read by the graph: owned here
+        self.graph = graphs.capture(
+            lambda: sample_block_premodulated(net, self.cond, list(self.noise.unbind(0)),
+                                              self.guidance, self.times, self.coeffs, dtype),
+            emulate=steps.emulate, device=None if steps.emulate else cond.device)
+
+    def __call__(self, cond, noise, guidance: float) -> torch.Tensor:
+        self.cond.copy_(cond)
+        self.noise.copy_(torch.stack(noise))
+        self.guidance.fill_(guidance)
+        self.graph.replay()
+        return self.graph.out.clone()
+
+
+def steps_for(model: ImageNetModel, backend: str = "torch", export_dir=None):
+    """The runner of ``backend`` for ``model`` (``onnxruntime``: the graphs in
+    ``export_dir``; the model may then be loaded without weights)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    spec, net = model.spec, model.transformer
-    device, dtype = model.device, model.dtype
+    if backend == "onnxruntime":
+        from .graphs import GraphSteps
+
+        return GraphSteps(model, export_dir)
+    return TorchSteps(model, reference=backend == "reference")
+
+
+def _parts(seed, batch: int) -> list[tuple[int, int]]:
+    """``(seed, images)`` per request: an int seed is one request of the whole batch."""
+    parts = [(int(seed), batch)] if isinstance(seed, int) else [(int(s), int(n)) for s, n in seed]
+    if sum(n for _, n in parts) != batch:
+        raise ValueError(f"the seeds cover {sum(n for _, n in parts)} images, the labels {batch}")
+    return parts
+
+
+@torch.no_grad()
+def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, seed,
+                    backend="torch",
+                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The +-1 tokens ``[B, h*w, latent]`` (token order) of ``labels`` (see the module
+    docstring). ``seed``: an int, or ``(seed, images)`` per request (consecutive labels): each
+    request draws from its own generator exactly what it draws alone. ``backend``: a name of
+    ``BACKENDS`` or a runner (:func:`steps_for`)."""
+    runner = steps_for(model, backend) if isinstance(backend, str) else backend
+    spec, device = model.spec, model.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     batch = labels.shape[0]
+    gens = [(torch.Generator(device).manual_seed(s), n) for s, n in _parts(seed, batch)]
     if guidance > 1.0:
         labels = torch.cat([labels, torch.full_like(labels, spec.num_classes)])
     rows = labels.shape[0]
-    net.setup_cache(rows)
-    gen = torch.Generator(device).manual_seed(int(seed))
     times, coeffs = (t.to(device) for t in step_schedule(steps, spec.time_shift))
-    head = net.head.net
+    shape = (spec.parallel_num, spec.latent_dim)
 
-    def full_head(x, t, c):
-        return head(x.to(dtype), t, c)
+    def draw(both_halves: bool) -> torch.Tensor:
+        """One draw for the sampled rows: per request its images' rows (and, when both
+        halves of a guided batch are sampled, its unconditional rows after them)."""
+        if len(gens) == 1:
+            g, n = gens[0]
+            return torch.randn((2 * n if both_halves else n, *shape), generator=g, device=device)
+        cond, uncond = [], []
+        for g, n in gens:
+            t = torch.randn((2 * n if both_halves else n, *shape), generator=g, device=device)
+            cond.append(t[:n])
+            uncond.append(t[n:])
+        return torch.cat(cond + (uncond if both_halves else []))
 
-    out, tokens = [], None
-    for k in range(spec.num_blocks):
-        hidden = net.first_step(labels) if k == 0 else net.next_step(tokens, k)
-        cond = net.head_condition(hidden, k)
-        g = guidance_at(guidance, k, spec.num_blocks)
-        sampled = rows // 2 if g > 1.0 else rows
-        noise = [torch.randn((sampled, spec.parallel_num, spec.latent_dim), generator=gen,
-                             device=device) for _ in range(steps + 1)]
-        if backend == "reference":
-            x = sample_block(full_head, cond, noise, g, times, coeffs)
-        else:
-            x = sample_block_premodulated(head, cond, noise, g, times, coeffs, dtype)
-        tokens = torch.sign(tile_rows(x, rows))
-        out.append(tokens[:batch])
-        if on_step:
-            on_step(k + 1, spec.num_blocks)
-    net.clear_cache()  # its memory is not kept between runs
+    runner.start(rows)
+    try:
+        out, tokens = [], None
+        for k in range(spec.num_blocks):
+            cond = runner.first(labels) if k == 0 else runner.next(tokens, k)
+            g = guidance_at(guidance, k, spec.num_blocks)
+            both = rows > batch and g <= 1.0  # guided batch, step without guidance
+            noise = [draw(both) for _ in range(steps + 1)]
+            x = runner.sample(cond, noise, g, times, coeffs)
+            tokens = torch.sign(tile_rows(x, rows))
+            out.append(tokens[:batch])
+            if on_step:
+                on_step(k + 1, spec.num_blocks)
+    finally:
+        runner.finish()
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
-def decode(model: ImageNetModel, tokens: torch.Tensor) -> torch.Tensor:
-    """+-1 tokens ``[B, h*w, latent]`` -> uint8 images ``[B, H, W, 3]`` (the batch at once)."""
-    side = model.spec.latent_side
-    latent = tokens_to_latent(tokens.float(), side, side, model.spec.patch)
-    return to_uint8(model.ae.decode(latent.to(model.dtype)))
+def decode(model: ImageNetModel, tokens: torch.Tensor, runner=None, counts=None) -> torch.Tensor:
+    """+-1 tokens ``[B, h*w, latent]`` -> uint8 images ``[B, H, W, 3]``, each request's images
+    (``counts``; default: one request) decoded as one batch, as it is decoded alone."""
+    runner = runner or TorchSteps(model)
+    counts = counts or [tokens.shape[0]]
+    parts, i = [], 0
+    for n in counts:
+        parts.append(runner.decode(tokens[i:i + n]))
+        i += n
+    return torch.cat(parts)
 
 
-def generate(model: ImageNetModel, labels, steps: int, guidance: float, seed: int,
-             backend: str = "torch", on_step=None) -> torch.Tensor:
-    """uint8 images ``[B, H, W, 3]`` of ``labels`` (see the module docstring)."""
-    tokens = generate_tokens(model, labels, steps, guidance, seed, backend, on_step)
-    return decode(model, tokens)
+def generate(model: ImageNetModel, labels, steps: int, guidance: float, seed,
+             backend="torch", on_step=None) -> torch.Tensor:
+    """uint8 images ``[B, H, W, 3]`` of ``labels`` (see the module docstring); ``seed`` and
+    ``backend`` as in :func:`generate_tokens`."""
+    runner = steps_for(model, backend) if isinstance(backend, str) else backend
+    tokens = generate_tokens(model, labels, steps, guidance, seed, runner, on_step)
+    counts = None if isinstance(seed, int) else [int(n) for _, n in seed]
+    return decode(model, tokens, runner, counts)

@@ -110,6 +110,15 @@ class ImageNetSpec:
                              "gan decoder")
         self.ae.validate()
 
+    def config_hash(self) -> str:
+        """A short hash of the shapes; ties exported graphs to a model."""
+        import hashlib
+        import json
+
+        blob = json.dumps({"family": FAMILY, "architecture": self.architecture(),
+                           "ae": self.ae.to_json_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def architecture(self) -> dict:
         """Everything but the autoencoder, as JSON."""
         d = dataclasses.asdict(self)

@@ -44,49 +44,66 @@ class OnnxRuntimeBackend(GraphRuntime):
         self.sessions = {name: self._load(name) for name in GRAPHS}
 
     def _providers(self) -> list:
-        import onnxruntime as ort
-
-        if self.device.type != "cuda":
-            return ["CPUExecutionProvider"]
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise EngineError("this onnxruntime has no CUDA provider; install onnxruntime-gpu or "
-                              "use --device cpu")
-        # ORT runs on torch's current stream, so its work is ordered with the tensors it binds.
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        return [("CUDAExecutionProvider", {"device_id": self._dev[1],
-                                           "user_compute_stream": str(stream)}),
-                "CPUExecutionProvider"]
+        return providers_for(self.device)
 
     def _load(self, name: str):
-        import onnxruntime as ort
-
-        path = graph_file(self.manifest, self.engine_dir, name)  # checked, then loaded
-        opts = ort_session_options(self.manifest, self.device.type == "cpu")
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=self.providers)
-        except Exception as e:  # ORT raises several types for unreadable or invalid models
-            raise EngineError(
-                f"ONNX Runtime cannot load graph file {path}: it is corrupt or not an ONNX model "
-                f"({str(e).strip().splitlines()[0][:200]}); re-run `bitdance-export` into "
-                f"{self.engine_dir}") from None
-        self.check_inputs(name, {i.name for i in session.get_inputs()}, path)
+        session = load_session(self.manifest, self.engine_dir, name, self.providers,
+                               self.device.type == "cpu")
+        self.check_inputs(name, {i.name for i in session.get_inputs()},
+                          graph_file(self.manifest, self.engine_dir, name))
         return session
 
     def _graph_bytes(self, name: str) -> int:
         return sum(self.manifest["graphs"][name]["files"].values())
 
     def _run(self, name: str, inputs: dict, outputs: dict) -> None:
-        """Bind torch tensors (device memory, no copies) and run graph ``name``."""
-        session = self.sessions[name]
-        binding = session.io_binding()
-        keep = []
-        kind, index = self._dev
-        for key, t in inputs.items():
-            t = t.contiguous()
-            keep.append(t)
-            binding.bind_input(key, kind, index, dtypes.ort_element_type(t.dtype), tuple(t.shape),
-                               t.data_ptr())
-        for key, t in outputs.items():
-            binding.bind_output(key, kind, index, dtypes.ort_element_type(t.dtype), tuple(t.shape),
-                                t.data_ptr())
-        session.run_with_iobinding(binding)
+        run_bound(self.sessions[name], self._dev, inputs, outputs)
+
+
+def providers_for(device: torch.device) -> list:
+    """ONNX Runtime's providers for ``device`` (CUDA: on torch's current stream)."""
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise EngineError("this onnxruntime has no CUDA provider; install onnxruntime-gpu or "
+                          "use --device cpu")
+    # ORT runs on torch's current stream, so its work is ordered with the tensors it binds.
+    stream = torch.cuda.current_stream(device).cuda_stream
+    return [("CUDAExecutionProvider", {"device_id": device.index or 0,
+                                       "user_compute_stream": str(stream)}),
+            "CPUExecutionProvider"]
+
+
+def load_session(manifest: dict, engine_dir, name: str, providers: list, cpu: bool):
+    """An ONNX Runtime session of graph ``name`` (its files checked first: sizes, hashes)."""
+    import onnxruntime as ort
+
+    engine_dir = Path(engine_dir)
+    path = graph_file(manifest, engine_dir, name)  # checked, then loaded
+    opts = ort_session_options(manifest, cpu)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # ORT raises several types for unreadable or invalid models
+        raise EngineError(
+            f"ONNX Runtime cannot load graph file {path}: it is corrupt or not an ONNX model "
+            f"({str(e).strip().splitlines()[0][:200]}); re-run `bitdance-export` into "
+            f"{engine_dir}") from None
+
+
+def run_bound(session, dev: tuple, inputs: dict, outputs: dict) -> None:
+    """Bind torch tensors (device memory, no copies) as a session's inputs and outputs and
+    run it; ``dev``: ("cpu", 0) or ("cuda", index)."""
+    binding = session.io_binding()
+    keep = []
+    kind, index = dev
+    for key, t in inputs.items():
+        t = t.contiguous()
+        keep.append(t)
+        binding.bind_input(key, kind, index, dtypes.ort_element_type(t.dtype), tuple(t.shape),
+                           t.data_ptr())
+    for key, t in outputs.items():
+        binding.bind_output(key, kind, index, dtypes.ort_element_type(t.dtype), tuple(t.shape),
+                            t.data_ptr())
+    session.run_with_iobinding(binding)
