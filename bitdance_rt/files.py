@@ -141,7 +141,7 @@ def check_room(outputs, what: str = "--out", files: bool = True) -> None:
     BitDanceError naming the fix."""
     need = {}
     for path, size in dict(outputs).items():
-        path = Path(path)
+        path = Path(os.path.abspath(path))  # ".." and "a/.." name the directory they reach
         if not path.name.strip():
             raise BitDanceError(f"{what} {str(path)!r} has no name (only spaces); name the "
                                 "output")
@@ -150,7 +150,7 @@ def check_room(outputs, what: str = "--out", files: bool = True) -> None:
             raise BitDanceError(f"{base} is a file, so {what} {path} cannot be made there; "
                                 "choose another place")
         nmax = _name_max(base)
-        rest = Path(os.path.abspath(path)).relative_to(base).parts
+        rest = path.relative_to(base).parts
         for i, part in enumerate(rest):
             extra = TEMP_NAME_EXTRA if i == len(rest) - 1 else 0
             if len(os.fsencode(part)) + extra > nmax:

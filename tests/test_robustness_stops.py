@@ -88,6 +88,35 @@ def test_image_outputs_are_checked_before_the_weights_load(seed, tmp_path, monke
         assert not list(tmp_path.glob(f"d{case}/**/*.png")), said
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_outputs_named_with_dot_and_dot_dot(seed, tmp_path, monkeypatch):
+    """Relative names with ``.`` and ``..`` anywhere (``--json ..``, ``a/../b.png``), from a
+    directory a few levels down: each is checked as the path it reaches (a directory there is
+    refused as a directory, a new name under an existing directory passes), never a Python
+    error."""
+    rng = random.Random(seed)
+    cwd = tmp_path / "a" / "b" / "c"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    for case in range(40):
+        parts = [rng.choice([".", "..", "a", "b", "c", "new"]) for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.5:
+            parts.append("out.json")
+        name = "/".join(parts)
+        target = Path(os.path.abspath(name))
+        said = f"seed {seed} case {case}: {name!r} -> {target}"
+        try:
+            files.check_room({Path(name): 100}, "--json")
+        except BitDanceError as e:
+            assert "\n" not in str(e), said
+            assert target.is_dir() or not target.parent.exists() or "is a file" in str(e) \
+                or target == Path(target.anchor), (said, str(e))
+            if target.is_dir():
+                assert "is a directory" in str(e), (said, str(e))
+        else:
+            assert not target.is_dir(), said
+
+
 @pytest.mark.parametrize("fail_at", [0, 1, 2])
 def test_a_disk_that_fills_up_leaves_no_image_and_one_line(fail_at, tmp_path, monkeypatch):
     """The disk fills up while the third image of three is written (or the first, or the

@@ -643,7 +643,9 @@ def test_an_api_key_no_client_can_send_is_refused_at_startup():
     for i, (env, args, words) in enumerate(cases):
         r = runner.invoke(rt_app, ["serve", "--port", port, *args], env=env)
         try:
-            one_line_error(r, "API key", words)
+            # an empty value on the command line is refused by the rule every option follows
+            one_line_error(r, *(("--api-key", words) if args == ["--api-key", ""]
+                                else ("API key", words)))
         except AssertionError as e:
             raise AssertionError(f"seed {seed} case {i}: {env} {args}: {e}") from None
     # unset: no authentication, as documented

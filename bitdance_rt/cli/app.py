@@ -73,6 +73,12 @@ class Commands(TyperGroup):
                 sys.stderr.write("interrupted\n")
                 sys.exit(signals.exit_code(e))
 
+    def parse_args(self, ctx, args):  # the group's own options (bitdance-export's)
+        raw = list(args)
+        rest = super().parse_args(ctx, args)
+        check_values(ctx, raw)
+        return rest
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -121,9 +127,42 @@ class Commands(TyperGroup):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+INT_LIMIT = 2**63 - 1  # the largest integer any option takes (seeds, counts, sizes)
+
+
+def check_values(ctx, args) -> None:
+    """Rules every command's values follow, before the command runs: no empty (or
+    white-space-only) value, given to an option or as an argument (an empty ``--attention`` or
+    ``--out`` would otherwise fall back to a default the user did not ask for), and no integer
+    past 64 bits (``--per-class 2**64``). BitDanceError naming the option."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        if value.strip() or (arg.startswith("-") and "=" not in arg):
+            continue
+        prev = args[i - 1] if i and args[i - 1].startswith("-") and "=" not in args[i - 1] \
+            else arg.split("=", 1)[0] if arg.startswith("--") else None
+        what = prev if prev else "an argument"
+        raise BitDanceError(f"{what} is empty; give it a value, or leave the option out")
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_LIMIT:
+                name = param.opts[0] if param.opts else param.name
+                raise BitDanceError(f"{name} {v} is too large (at most {INT_LIMIT}); pass a "
+                                    "smaller number")
+
+
 class Command(TyperCommand):
     """A command whose usage line names its arguments plainly (``EXPORT_DIR``, not typer's
-    ``{EXPORT_DIR}``, which reads as a placeholder left in the text)."""
+    ``{EXPORT_DIR}``, which reads as a placeholder left in the text), and whose values follow
+    :func:`check_values`."""
+
+    def parse_args(self, ctx, args):
+        raw = list(args)
+        rest = super().parse_args(ctx, args)
+        check_values(ctx, raw)
+        return rest
 
     def collect_usage_pieces(self, ctx):
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p.replace("{", "")

@@ -95,11 +95,6 @@ def export_main(
     from ..export import export_checkpoint
     from ..export.build import export_with_engines
 
-    if getattr(ctx.get_parameter_source("max_seq"), "name", "") != "COMMANDLINE":
-        from ..checkpoint import read_spec
-
-        # the default, or all the positions of a model that has fewer (the demo model: 4096)
-        max_seq = min(max_seq, read_spec(checkpoint).llm.max_position_embeddings)
     if dtype.lower() in ("bf16", "bfloat16") and not engines:
         import torch
 
@@ -107,6 +102,11 @@ def export_main(
             typer.echo("warning: bf16 graphs are for TensorRT or ONNX Runtime's CUDA provider; "
                        "ONNX Runtime on this CPU cannot run them (export --dtype fp32 to run "
                        "them here)", err=True)
+    if getattr(ctx.get_parameter_source("max_seq"), "name", "") != "COMMANDLINE":
+        from ..checkpoint import read_spec
+
+        # the default, or all the positions of a model that has fewer (the demo model: 4096)
+        max_seq = min(max_seq, read_spec(checkpoint).llm.max_position_embeddings)
     settings = dict(model_name=model, dtype=dtype, num_layers=num_layers, max_batch=max_batch,
                     max_seq=max_seq, progress=typer.echo)
     start = time.perf_counter()

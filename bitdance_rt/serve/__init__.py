@@ -10,7 +10,9 @@
 - ``run.py``: uvicorn in this process; ``ray_app.py``: the same app on Ray Serve
 
 The FastAPI side needs ``pip install 'bitdance-rt[serve]'`` (Ray: ``[ray]``); the scheduler does
-not. Nothing here re-implements generation or validation: it calls the runtime's Session.
+not. Nothing here re-implements generation or validation: it calls the runtime's Session, or,
+for a class-conditional ImageNet checkpoint, ``bitdance_rt.imagenet.serving.ImageNetSession``
+(the same calls over ``bitdance_rt.imagenet.sample``).
 """
 
 from .config import ServeConfig

@@ -112,7 +112,7 @@ def create_app(service: ImageService, load: str = "background", on_fail=None) ->
         t0 = time.monotonic()
         watch = Watch()
         try:  # the body is counted and timed as it arrives (limits.Guard)
-            body = parse_body(await request.body())
+            body = parse_body(await request.body(), service.family)
             req = await run_in_threadpool(service.request_from, body)  # tokenizes the prompt
             job = service.submit(req, watch.listener)
         except ApiError as e:
@@ -246,11 +246,12 @@ async def _events(service: ImageService, job: Job, watch: Watch, deadline: float
             yield _sse("error", {"type": "error", **_error_body(e, service)})
             return
         r = job.request
+        size = size_text(*service.image_size(job))
         for i, png in enumerate(pngs):
             yield _sse("image_generation.completed", {
                 "type": "image_generation.completed", "image_index": i,
                 "b64_json": base64.b64encode(png).decode(), "created_at": int(time.time()),
-                "size": size_text(r.height, r.width), "output_format": "png", "seed": r.seed,
+                "size": size, "output_format": "png", "seed": r.seed,
                 "batch_images": job.batch_images})
     finally:  # the client went away (a gone client is counted 499 by limits.Guard)
         service.cancel(job, "disconnected")

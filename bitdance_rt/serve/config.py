@@ -37,6 +37,16 @@ class ServeConfig:
     drain_timeout: float | None = None  # SIGTERM's drain at most; None: the timeout
 
     @property
+    def family(self) -> str:
+        """``"imagenet"`` for a class-conditional ImageNet checkpoint directory, else
+        ``"text-to-image"`` (read from the directory's small JSON file only)."""
+        from ..imagenet.checkpoint import family_of
+
+        if self.checkpoint is not None and family_of(self.checkpoint) == "imagenet":
+            return "imagenet"
+        return "text-to-image"
+
+    @property
     def drain_seconds(self) -> float:
         """How long SIGTERM's drain may last before what is left is dropped."""
         return self.timeout if self.drain_timeout is None else self.drain_timeout
@@ -45,7 +55,10 @@ class ServeConfig:
         """Raise :class:`BitDanceError` naming the first flag that cannot work."""
         from ..runtime.session import check_backend
 
-        check_backend(self.backend, self.engine_dir)
+        if self.family == "imagenet":
+            check_imagenet(self)
+        else:
+            check_backend(self.backend, self.engine_dir)
         if not (isinstance(self.max_batch, int) and 1 <= self.max_batch <= MAX_IMAGES):
             raise BitDanceError(f"--max-batch must be from 1 to {MAX_IMAGES} images, got "
                                 f"{self.max_batch}")
@@ -64,6 +77,20 @@ class ServeConfig:
                                 "checkpoint directory (released layout) or leave it out for the "
                                 "built-in model")
         return self
+
+
+def check_imagenet(config: ServeConfig) -> None:
+    """A class-conditional ImageNet checkpoint is served by the PyTorch runners only."""
+    from ..imagenet.serving import SERVE_BACKENDS
+
+    name = Path(config.checkpoint).name
+    if config.backend not in SERVE_BACKENDS:
+        raise BitDanceError(f"--backend {config.backend}: {name} is a class-conditional "
+                            "ImageNet checkpoint, served with --backend "
+                            f"{' or '.join(SERVE_BACKENDS)}; leave --backend out")
+    if config.engine_dir is not None:
+        raise BitDanceError(f"--export-dir: {name} is a class-conditional ImageNet checkpoint, "
+                            "served from its own weights in PyTorch; leave --export-dir out")
 
 
 def check_api_key(key: str | None) -> None:

@@ -66,6 +66,9 @@ async function loadModels() {
     $("size").appendChild(o);
   }
   $("steps").placeholder = "default " + m.defaults.steps;
+  if (m.family === "imagenet")  // class-conditional: the prompt holds a class
+    $("prompt").placeholder = "A class: an index from 0 to " + (m.num_classes - 1) +
+      " or a name, e.g. golden retriever";
   $("seed").value = m.defaults.seed;  // the server's default seed (GET /v1/models)
 }
 

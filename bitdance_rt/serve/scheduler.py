@@ -1,10 +1,12 @@
-"""The scheduler in front of one :class:`~bitdance_rt.runtime.session.Session`: a bounded queue
-and one worker thread that runs compatible requests as one AR run.
+"""The scheduler in front of one :class:`~bitdance_rt.runtime.session.Session` (or an
+:class:`~bitdance_rt.imagenet.serving.ImageNetSession`, which takes the same calls): a bounded
+queue and one worker thread that runs compatible requests as one AR run.
 
 Requests with the same size, steps and guidance share a run (up to ``max_batch`` images, in
 arrival order: the oldest waiting request always goes next, and later compatible ones join
 it). Each request keeps its own seed (the runtime gives every request its own generator), so
-an image is the same whether it was batched or served alone.
+an image is the same whether it was batched or served alone. A plan may say what its requests
+must share to run together (``batch_key``: ImageNet plans, whose size is the model's).
 
 A request can be cancelled at any time (its client went away or its time ran out): it leaves
 the queue at once, or, when running, its answer is given up at once and it is dropped from the
@@ -75,6 +77,10 @@ class Job:
 
     @property
     def key(self) -> tuple:
+        """Jobs of equal keys may share a run."""
+        key = getattr(self.plan, "batch_key", None)
+        if key is not None:
+            return key
         r = self.request
         return (r.height, r.width, r.steps, r.guidance)
 

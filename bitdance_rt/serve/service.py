@@ -1,6 +1,11 @@
 """One serving process's state: the session, its scheduler and metrics, and the steps of a
 request that are not HTTP (validate, submit, encode). The FastAPI app (``app.py``) maps
-routes onto it; a Ray replica holds one."""
+routes onto it; a Ray replica holds one.
+
+The session is a text-to-image :class:`~bitdance_rt.runtime.session.Session`, or, for a
+checkpoint directory of the class-conditional ImageNet family, an
+:class:`~bitdance_rt.imagenet.serving.ImageNetSession` (the same calls; ``family`` tells them
+apart): the routes, limits, queue and scheduler are the same for both."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import time
 
 from ..limits import DEFAULT_SEED
 from ..request import GenerationRequest, ImagePlan
-from .api import ApiError, ImagesBody, size_text, to_request
+from .api import IMAGENET, T2I, ApiError, ImagesBody, size_text, to_request
 from .config import ServeConfig
 from .metrics import Metrics
 from .redact import redact
@@ -35,22 +40,32 @@ class ImageService:
         self.error: BaseException | None = None
         self.created = int(time.time())
         self._dropped = False
+        # known before the model loads (a request's fields are checked against it)
+        self.family = (getattr(session, "family", T2I) if session is not None
+                       else config.family)
 
     # -- life cycle -------------------------------------------------------------------------
 
     def load(self, say=None) -> None:
         """Open the session (unless given), warm it up, start the scheduler: then ready.
-        Raises what ``Session.open`` raises (and records it)."""
+        Raises what ``Session.open`` (``ImageNetSession.open``) raises (and records it)."""
         from ..runtime.session import Session, builtin_checkpoint
 
         try:
             if self.session is None:
                 c = self.config
-                checkpoint = c.checkpoint or builtin_checkpoint(say=say or log.warning)
-                self.session = Session.open(checkpoint, backend=c.backend, device=c.device,
-                                            dtype=c.dtype, engine_dir=c.engine_dir,
-                                            cuda_graphs=c.cuda_graphs, compile=c.compile,
-                                            warn=lambda m: log.warning(m))
+                if self.family == IMAGENET:
+                    from ..imagenet.serving import ImageNetSession
+
+                    self.session = ImageNetSession.open(c.checkpoint, backend=c.backend,
+                                                        device=c.device, dtype=c.dtype)
+                else:
+                    checkpoint = c.checkpoint or builtin_checkpoint(say=say or log.warning)
+                    self.session = Session.open(checkpoint, backend=c.backend,
+                                                device=c.device, dtype=c.dtype,
+                                                engine_dir=c.engine_dir,
+                                                cuda_graphs=c.cuda_graphs, compile=c.compile,
+                                                warn=lambda m: log.warning(m))
             if self.config.warmup:
                 t0 = time.monotonic()
                 self.session.generate(self.warmup_request())
@@ -110,8 +125,16 @@ class ImageService:
             return 0, 0
         return self.scheduler.drop_all(reason)
 
+    @property
+    def imagenet(self) -> bool:
+        """Whether the model is class-conditional (ImageNet)."""
+        return self.family == IMAGENET
+
     def warmup_request(self) -> GenerationRequest:
-        """One image at the model's smallest size, one step, the default guidance."""
+        """One image at the model's smallest size, one step, the default guidance (ImageNet:
+        one image of class 0, one step)."""
+        if self.imagenet:
+            return self.session.warmup_plan()
         spec = self.session.spec
         h, w = min(spec.info.sizes, key=lambda s: s[0] * s[1])
         return GenerationRequest("warm-up", h, w, steps=1, seed=0)
@@ -120,7 +143,9 @@ class ImageService:
 
     @property
     def model_id(self) -> str:
-        return self.session.spec.name if self.session is not None else "loading"
+        if self.session is None:
+            return "loading"
+        return self.session.name if self.imagenet else self.session.spec.name
 
     @property
     def checkpoint_name(self) -> str:
@@ -160,7 +185,9 @@ class ImageService:
         return to_request(body, self.session, self.model_id)
 
     def submit(self, plan: ImagePlan, listener=None) -> Job:
-        blocks = plan.tokens // self.session.spec.parallel_num  # known before it runs
+        # known before it runs (ImageNet: its AR steps)
+        blocks = (self.session.num_blocks if self.imagenet
+                  else plan.tokens // self.session.spec.parallel_num)
         job = Job(plan, listener=listener, blocks_total=blocks)
         try:
             self.scheduler.submit(job)
@@ -176,24 +203,46 @@ class ImageService:
         return self.scheduler.cancel(job, reason)
 
     def png_bytes(self, job: Job) -> list[bytes]:
-        """The job's images as PNG files with the CLI's text metadata (the runtime's writer)."""
+        """The job's images as PNG files with the CLI's text metadata (the runtime's writer),
+        except that the checkpoint is named by its directory's name, not its path."""
         from ..runtime.images import png_bytes
 
-        meta = {**self.session.metadata(job.request), "checkpoint": self.checkpoint_name}
+        meta = self.session.metadata(job.request)
+        if "checkpoint" in meta or not self.imagenet:
+            meta = {**meta, "checkpoint": self.checkpoint_name}
         return [png_bytes(image.numpy(), {**meta, "image_index": i})
                 for i, image in enumerate(job.images)]
+
+    def image_size(self, job: Job) -> tuple[int, int]:
+        """(height, width) of the job's images."""
+        if self.imagenet:
+            return (self.session.image_size,) * 2
+        return job.request.height, job.request.width
 
     def models(self) -> dict:
         """``GET /v1/models``: the OpenAI list shape, with the sizes (width x height) and
         defaults of the model."""
         data = []
-        if self.session is not None:
+        if self.session is not None and self.imagenet:
+            s = self.session
+            size = size_text(s.image_size, s.image_size)
+            data.append({
+                "id": self.model_id, "object": "model", "created": self.created,
+                "owned_by": "bitdance-rt", "family": IMAGENET,
+                "sizes": [size], "default_size": size,
+                "defaults": {**s.defaults, "seed": DEFAULT_SEED},
+                "max_images": self.config.max_batch,
+                "num_classes": s.num_classes, "ar_steps": s.num_blocks,
+                "description": f"class-conditional ImageNet model ({s.num_classes} classes): "
+                               "send \"class\", an index or a class name",
+            })
+        elif self.session is not None:
             spec = self.session.spec
             d = spec.info.defaults
             data.append({
                 "id": self.model_id, "object": "model", "created": self.created,
                 "owned_by": "bitdance-rt",
-                "sizes": [size_text(h, w) for h, w in spec.info.sizes],
+                "family": T2I, "sizes": [size_text(h, w) for h, w in spec.info.sizes],
                 "default_size": size_text(d.height, d.width),
                 "defaults": {"steps": d.steps, "guidance": d.guidance, "seed": DEFAULT_SEED},
                 "max_images": self.config.max_batch,
