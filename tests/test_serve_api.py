@@ -145,7 +145,11 @@ def test_api_key_guards_every_route_but_healthz(session):
             assert r.status_code == 401, path
             assert "Authorization: Bearer" in r.json()["error"]["message"]
         assert c.get("/").headers["www-authenticate"].startswith("Basic")
-        assert c.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+        for wrong in ({"Authorization": "Bearer nope"}, {"Authorization": "Basic eDp5"},
+                      {"Authorization": "Token s3cret"}):
+            r = c.get("/v1/models", headers=wrong)
+            assert r.status_code == 401, wrong  # a key was sent: it says the key is wrong
+            assert "is not this server's" in r.json()["error"]["message"], wrong
         good = {"Authorization": "Bearer s3cret"}
         assert c.get("/v1/models", headers=good).json()["data"][0]["id"] == session.spec.name
         assert c.get("/", auth=("anyone", "s3cret")).status_code == 200  # the browser's way

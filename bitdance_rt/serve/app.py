@@ -288,7 +288,11 @@ class ApiKey:
         if scope["type"] != "http" or scope["path"] == "/healthz" or self._ok(scope):
             return await self.app(scope, receive, send)
         challenge = 'Basic realm="bitdance-rt"' if scope["path"] == "/" else "Bearer"
-        e = ApiError(401, "this server needs an API key: send the header 'Authorization: "
-                     "Bearer KEY' (the key given to bitdance-rt serve --api-key)",
+        sent = dict(scope.get("headers") or ()).get(b"authorization")
+        what = ("the API key sent is not this server's: send the key it was started with"
+                if sent else "this server needs an API key: send the header 'Authorization: "
+                "Bearer KEY'")
+        e = ApiError(401, f"{what} (the key given to bitdance-rt serve --api-key or "
+                     "BITDANCE_API_KEY)",
                      headers={"WWW-Authenticate": challenge}, kind="authentication_error")
         await error_response(e)(scope, receive, send)
