@@ -66,9 +66,10 @@ def tiny16_ckpt(tmp_path_factory):
 
 
 # The suite runs in two processes (pytest-xdist, ``-n 2 --dist loadgroup`` in pyproject.toml).
-# Session fixtures are made once per process, so every test that needs the shared export (70 s
-# to make) goes to the same one.
-SHARED_GROUPS = {"tiny_export": "tiny-export"}
+# Session (and module) fixtures are made once per process, so every test that needs a shared
+# export (70 s to make) goes to the same one.
+SHARED_GROUPS = {"tiny_export": "tiny-export",
+                 "export4": "imagenet-export"}  # tests/test_imagenet_export.py's (50 s)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -138,7 +138,7 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_ckpt, tmp_path, no_wei
 def test_empty_prompt_is_refused(tiny_ckpt, tmp_path, no_weights):
     r = CliRunner().invoke(rt_app, ["generate", "-c", str(tiny_ckpt), "-p", "  ", *FAST,
                                     "--out", str(tmp_path / "x.png")])
-    one_line_error(r, "prompt is empty")
+    one_line_error(r, "-p", "is empty")  # the rule of every option (cli/app.check_values)
 
 
 def test_float16_on_the_cpu_warns(tiny16_ckpt, tmp_path):
