@@ -451,7 +451,7 @@ def test_interrupted_reexport_keeps_the_previous_export(export_dir, tiny_ckpt, t
                                                          monkeypatch, failure):
     """A re-export over a working export that stops mid-way (Ctrl-C, or an error) leaves the
     previous export exactly as it was, and no staging directory."""
-    from bitdance_rt.export import exporter
+    from bitdance_rt.export import common
 
     d = copy_of(export_dir, tmp_path)
     before = _snapshot(d)
@@ -462,7 +462,7 @@ def test_interrupted_reexport_keeps_the_previous_export(export_dir, tiny_ckpt, t
         (out_dir / gdef.filename).write_bytes(b"half a graph")
         raise failure("stopped mid-export")
 
-    monkeypatch.setattr(exporter, "export_onnx", partial_export)
+    monkeypatch.setattr(common, "export_onnx", partial_export)  # what write_graphs calls
     r = CliRunner().invoke(export_app, ["--checkpoint", str(tiny_ckpt), "--out", str(d)])
     assert calls and calls[0] != d  # it wrote into a staging directory, not into d
     if failure is KeyboardInterrupt:

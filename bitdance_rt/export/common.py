@@ -152,3 +152,25 @@ def export_onnx(gdef: GraphDef, out_dir: Path, opset: int = OPSET,
     if data.exists():
         files.append(data.name)
     return files
+
+
+def write_graphs(defs: dict, names, out: Path, opset: int, translations: dict, say) -> dict:
+    """Export each graph of ``names`` (``defs[name]()`` builds its :class:`GraphDef`) into
+    ``out``, one line per graph to ``say``; returns each graph's manifest entry."""
+    import gc
+    import time
+
+    from ..manifest import describe_graph
+
+    written = {}
+    for i, name in enumerate(names):
+        t0 = time.perf_counter()
+        gdef = defs[name]()
+        files = export_onnx(gdef, out, opset, translations)
+        written[name] = describe_graph(out, files)
+        size = sum(written[name]["files"].values())
+        say(f"[{i + 1}/{len(names)}] {name}: {', '.join(files)} ({size / 1e6:.1f} MB) "
+            f"in {time.perf_counter() - t0:.1f}s")
+        del gdef
+        gc.collect()
+    return written

@@ -10,7 +10,6 @@ into or replaced.
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,9 +24,9 @@ from . import block_step, decoder, head_prepare, head_step, prefill
 from . import qdq
 from .attention import attention_opset, attention_translations, check_attention
 from .. import dtypes
-from .common import OPSET, check_out_dir, export_dtype, export_onnx
+from .common import OPSET, check_out_dir, export_dtype, write_graphs
 from ..manifest import GRAPHS
-from ..manifest import describe_graph, export_files, tool_versions, write_manifest
+from ..manifest import export_files, tool_versions, write_manifest
 from .source import identify_preset, resolve_preset
 
 DEFAULT_MAX_BATCH = 4
@@ -109,17 +108,7 @@ def _write_export(model, out: Path, preset_name, attention, max_batch, max_seq, 
     defs = graph_defs(model, attention, max_seq)
     # the attention choice's custom nodes, and the Q/DQ pairs of a quantized checkpoint
     translations = {**(attention_translations(attention) or {}), **qdq.onnx_translation_table()}
-    written = {}
-    for i, name in enumerate(GRAPHS):
-        t0 = time.perf_counter()
-        gdef = defs[name]()
-        files = export_onnx(gdef, out, opset, translations)
-        written[name] = describe_graph(out, files)
-        size = sum(written[name]["files"].values())
-        say(f"[{i + 1}/{len(GRAPHS)}] {name}: {', '.join(files)} ({size / 1e6:.1f} MB) "
-            f"in {time.perf_counter() - t0:.1f}s")
-        del gdef
-        gc.collect()
+    written = write_graphs(defs, GRAPHS, out, opset, translations, say)
     spec = model.spec
     full = model.extras.get("full_spec", spec)
     manifest = {

@@ -19,7 +19,6 @@ the AR step's position taken from the length of the past (symbolic in the graph)
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,8 +30,8 @@ from torch import nn
 from .. import dtypes
 from ..errors import BitDanceError
 from ..files import staged_directory
-from ..manifest import describe_graph, export_files, tool_versions, write_manifest
-from .common import OPSET, GraphDef, check_out_dir, dim, export_dtype, export_onnx
+from ..manifest import export_files, tool_versions, write_manifest
+from .common import OPSET, GraphDef, check_out_dir, dim, export_dtype, write_graphs
 from .decoder import DecoderGraph
 from .head_prepare import HeadPrepare
 from .head_step import HeadStep
@@ -199,18 +198,7 @@ def export_checkpoint(checkpoint, out_dir, *, dtype: str = "fp32",
     say(f"loaded {ckpt} ({configs.name}, {dtype}) in {time.perf_counter() - t0:.1f}s")
     spec = model.spec
     with torch.no_grad(), staged_directory(out, export_files, "export") as stage:
-        defs = graph_defs(model)
-        written = {}
-        for i, name in enumerate(GRAPHS):
-            t0 = time.perf_counter()
-            gdef = defs[name]()
-            files = export_onnx(gdef, stage, OPSET, {})
-            written[name] = describe_graph(stage, files)
-            size = sum(written[name]["files"].values())
-            say(f"[{i + 1}/{len(GRAPHS)}] {name}: {', '.join(files)} ({size / 1e6:.1f} MB) "
-                f"in {time.perf_counter() - t0:.1f}s")
-            del gdef
-            gc.collect()
+        written = write_graphs(graph_defs(model), GRAPHS, stage, OPSET, {}, say)
         manifest = {
             "family": "imagenet",
             "preset": configs.name,
