@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, RequestError
+from .errors import BitDanceError, CheckpointError, RequestError
 from .files import PLAIN_NAME, Check, MapOf, Nullable, Opt, check_schema, inside, read_json
 from .models.autoencoder import AEConfig, BinaryAutoencoder
 from .models.head import DiffusionHead, HeadConfig
@@ -96,10 +96,24 @@ def read_spec(ckpt_dir: str | os.PathLike) -> ModelSpec:
     return spec
 
 
+def family_of(path) -> str | None:
+    """The model family a directory's ``bitdance_rt.json`` declares: ``"imagenet"`` for the
+    class-conditional models, else None (a text-to-image checkpoint, or not a checkpoint).
+    Reads only that small file; a damaged one is the loader's to report."""
+    from .files import parse_json
+
+    info = Path(path) / INFO_FILE
+    if not info.is_file():
+        return None
+    try:  # the same limits as every JSON file read
+        value = parse_json(info.read_bytes(), str(info))
+    except (OSError, BitDanceError):
+        return None
+    return "imagenet" if isinstance(value, dict) and value.get("family") == "imagenet" else None
+
+
 def _refuse_other_family(d: Path) -> None:
     """A class-conditional ImageNet directory is named as such, not as a broken one."""
-    from .imagenet.checkpoint import family_of
-
     if family_of(d) is not None:
         raise CheckpointError(f"{d} is a class-conditional ImageNet checkpoint; this command "
                               "takes text-to-image checkpoints (ImageNet ones run with "

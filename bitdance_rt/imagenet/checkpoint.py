@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BitDanceError, CheckpointError
-from ..files import MapOf, check_output_dir, parse_json, read_json, staged_directory
+from ..files import MapOf, check_output_dir, read_json, staged_directory
 from ..models.autoencoder import AEConfig, BinaryAutoencoder
 from . import pt_files
 from .spec import FAMILY, ImageNetSpec, check, defaults_for, match_preset
@@ -47,16 +47,11 @@ def weight_files(path) -> list[Path]:
 
 
 def family_of(path) -> str | None:
-    """``"imagenet"`` for a directory of this family, else None (a text-to-image checkpoint,
-    or not a checkpoint). Reads only the small JSON file."""
-    info = Path(path) / INFO_FILE
-    if not info.is_file():
-        return None
-    try:  # the same limits as every JSON file read; a bad file is the loader's to report
-        value = parse_json(info.read_bytes(), str(info))
-    except (OSError, BitDanceError):
-        return None
-    return FAMILY if isinstance(value, dict) and value.get("family") == FAMILY else None
+    """``"imagenet"`` for a directory of this family, else None (see
+    :func:`bitdance_rt.checkpoint.family_of`, which owns the check)."""
+    from ..checkpoint import family_of as family
+
+    return family(path)
 
 
 @dataclass
