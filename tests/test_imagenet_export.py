@@ -131,6 +131,8 @@ def test_refusals(export4, ckpt4, tiny_ckpt, tmp_path):
                                 "--backend", "onnxruntime", "--export-dir", str(export4),
                                 "--out", str(tmp_path / "w.png")]), "other weights")
     # a checkpoint of another family or size
+    with pytest.raises(EngineError, match="not such a checkpoint"):
+        check_export(export4, tiny_ckpt)
     other1 = tiny.make_tiny(tmp_path / "other1", 1, 3)
     with pytest.raises(EngineError, match="another model"):
         sample.steps_for(checkpoint.load(other1, weights=False), "onnxruntime", export4)

@@ -212,8 +212,14 @@ def check_export(engine_dir, checkpoint=None, seed: int | None = None,
             raise EngineError(f"check needs the checkpoint {d} was exported from; pass "
                               "--checkpoint DIR" + (f" ({ckpt} does not exist)" if ckpt else ""))
         if imagenet:
+            from ..checkpoint import family_of
             from ..imagenet.checkpoint import weight_files
             from .imagenet import load_for_check
+
+            if family_of(ckpt) != "imagenet":
+                raise EngineError(f"{d} holds a class-conditional ImageNet model's graphs and "
+                                  f"{ckpt} is not such a checkpoint; pass --checkpoint, the "
+                                  "directory it was exported from")
 
             model = load_for_check(ckpt, dtypes.parse(dtype))
             check_weights(manifest, ckpt, d, files=weight_files(ckpt))
