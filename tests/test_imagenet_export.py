@@ -89,11 +89,17 @@ def test_requests_in_one_run_get_their_own_seeds(ckpt4, seed):
 def test_generate_cli_runs_the_export(export4, ckpt4, tmp_path):
     args = ["generate", "-c", str(ckpt4), "--class", "7", "-n", "2", "--steps", "3",
             "--seed", "4", "--no-progress"]
-    r = CliRunner().invoke(rt_app, args + ["--backend", "onnxruntime", "--export-dir",
-                                           str(export4), "--out", str(tmp_path / "o.png")])
-    assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(rt_app, args + ["--out", str(tmp_path / "t.png")])
-    assert r.exit_code == 0, r.output
+    blocks = checkpoint.load(ckpt4, weights=False).spec.num_blocks
+    for extra in (["--backend", "onnxruntime", "--export-dir", str(export4), "--out",
+                   str(tmp_path / "o.png")], ["--out", str(tmp_path / "t.png")]):
+        r = CliRunner().invoke(rt_app, args + extra + ["--timings"])
+        assert r.exit_code == 0, r.output
+        # the per-stage table: calls counted as they ran (a graph call, or a model call)
+        calls = {line.split()[0]: int(line.split()[2]) for line in r.output.splitlines()
+                 if line.split()[:1] in (["prefill"], ["block_step"], ["head"], ["decode"])}
+        per_block = 3 + 1 + ("onnxruntime" in extra)  # N + 1 evaluations (+ head_prepare)
+        assert calls == {"prefill": 1, "block_step": blocks - 1, "head": blocks * per_block,
+                         "decode": 1}, (extra, r.output)
     from PIL import Image
 
     for i in range(2):

@@ -13,6 +13,8 @@ must be those written (sizes, sha256).
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -64,10 +66,24 @@ class GraphSteps:
                                   f"version's {name} graph; re-export into {self.dir}")
             self.sessions[name] = session
         self.past = None
+        self.meter = None
+        self._bytes = {n: sum(manifest["graphs"][n]["files"].values()) for n in IMAGENET_GRAPHS}
 
     def _run(self, name: str, inputs: dict, outputs: dict) -> dict:
         run_bound(self.sessions[name], self._dev, inputs, outputs)
+        if self.meter is not None:  # one call; it reads its graph's weights
+            self.meter.add(1, self._bytes[name])
         return outputs
+
+    @contextlib.contextmanager
+    def metering(self, meter):
+        """Count into ``meter`` every graph call and the bytes of its files, while the block
+        runs."""
+        self.meter = meter
+        try:
+            yield
+        finally:
+            self.meter = None
 
     def _empty(self, *shape, dtype=None):
         return torch.empty(shape, dtype=dtype or self.dtype, device=self.device)

@@ -26,6 +26,8 @@ cache for all sequences.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable
 
 import torch
@@ -93,6 +95,17 @@ class TorchSteps:
     def finish(self) -> None:
         self.net.clear_cache()  # its memory is not kept between runs
 
+    def metering(self, meter):
+        """Count into ``meter`` the model calls (a transformer step, a head evaluation, a
+        decode) and the weight bytes their modules read, while the block runs. A replayed
+        head-loop graph runs no Python: its work is not seen (``generate --timings`` turns the
+        graphs off)."""
+        from ..runtime.timing import watch_modules
+
+        return watch_modules(meter, (self.net, self.model.ae),
+                             (self.net.emb_norm, self.net.head.net.input_proj,
+                              self.model.ae.decoder))
+
 
 class HeadLoop:
     """The head's whole sampling loop of one AR step (N + 1 evaluations and their updates) as
@@ -144,12 +157,16 @@ def _parts(seed, batch: int) -> list[tuple[int, int]]:
 @torch.no_grad()
 def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, seed,
                     backend="torch",
-                    on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                    on_step: Callable[[int, int], None] | None = None,
+                    timer=None) -> torch.Tensor:
     """The +-1 tokens ``[B, h*w, latent]`` (token order) of ``labels`` (see the module
     docstring). ``seed``: an int, or ``(seed, images)`` per request (consecutive labels): each
     request draws from its own generator exactly what it draws alone. ``backend``: a name of
-    ``BACKENDS`` or a runner (:func:`steps_for`)."""
+    ``BACKENDS`` or a runner (:func:`steps_for`). ``timer``: a
+    :class:`~bitdance_rt.runtime.timing.Timer` whose stages (``prefill``: the class tokens,
+    ``block_step``: every later AR step, ``head``) the run is timed in."""
     runner = steps_for(model, backend) if isinstance(backend, str) else backend
+    stage = timer.stage if timer is not None else (lambda name: contextlib.nullcontext())
     spec, device = model.spec, model.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     batch = labels.shape[0]
@@ -177,11 +194,13 @@ def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, s
     try:
         out, tokens = [], None
         for k in range(spec.num_blocks):
-            cond = runner.first(labels) if k == 0 else runner.next(tokens, k)
+            with stage("prefill" if k == 0 else "block_step"):
+                cond = runner.first(labels) if k == 0 else runner.next(tokens, k)
             g = guidance_at(guidance, k, spec.num_blocks)
             both = rows > batch and g <= 1.0  # guided batch, step without guidance
             noise = [draw(both) for _ in range(steps + 1)]
-            x = runner.sample(cond, noise, g, times, coeffs)
+            with stage("head"):
+                x = runner.sample(cond, noise, g, times, coeffs)
             tokens = torch.sign(tile_rows(x, rows))
             out.append(tokens[:batch])
             if on_step:
@@ -192,23 +211,32 @@ def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, s
 
 
 @torch.no_grad()
-def decode(model: ImageNetModel, tokens: torch.Tensor, runner=None, counts=None) -> torch.Tensor:
+def decode(model: ImageNetModel, tokens: torch.Tensor, runner=None, counts=None,
+           timer=None) -> torch.Tensor:
     """+-1 tokens ``[B, h*w, latent]`` -> uint8 images ``[B, H, W, 3]``, each request's images
     (``counts``; default: one request) decoded as one batch, as it is decoded alone."""
     runner = runner or TorchSteps(model)
     counts = counts or [tokens.shape[0]]
     parts, i = [], 0
     for n in counts:
-        parts.append(runner.decode(tokens[i:i + n]))
+        with (timer.stage("decode") if timer is not None else contextlib.nullcontext()):
+            parts.append(runner.decode(tokens[i:i + n]))
         i += n
     return torch.cat(parts)
 
 
 def generate(model: ImageNetModel, labels, steps: int, guidance: float, seed,
-             backend="torch", on_step=None) -> torch.Tensor:
+             backend="torch", on_step=None, timer=None) -> torch.Tensor:
     """uint8 images ``[B, H, W, 3]`` of ``labels`` (see the module docstring); ``seed`` and
     ``backend`` as in :func:`generate_tokens`."""
     runner = steps_for(model, backend) if isinstance(backend, str) else backend
-    tokens = generate_tokens(model, labels, steps, guidance, seed, runner, on_step)
-    counts = None if isinstance(seed, int) else [int(n) for _, n in seed]
-    return decode(model, tokens, runner, counts)
+    metering = runner.metering(timer.meter) if timer is not None else contextlib.nullcontext()
+    with metering:
+        if timer is not None:
+            timer.start()
+        tokens = generate_tokens(model, labels, steps, guidance, seed, runner, on_step, timer)
+        counts = None if isinstance(seed, int) else [int(n) for _, n in seed]
+        images = decode(model, tokens, runner, counts, timer)
+        if timer is not None:
+            timer.stop()
+    return images
