@@ -83,6 +83,10 @@ step() {  # step NAME LIMIT_S CMD...
   # the output goes into log.txt as it is printed (a stopped step keeps all it printed)
   timeout -k "$GRACE" "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 25
   local rc=${PIPESTATUS[0]}
+  # pytest's own count (on a machine without a GPU every gpu test is skipped)
+  local tally
+  tally=$(grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* =+$" "$LOG" | tail -n 1 | tr -d '=' | xargs)
+  [ "$name" = pytest_gpu ] && [ -n "$tally" ] && rc="$rc ($tally)"
   echo "$name: rc=$rc in $((SECONDS - t0))s" | tee -a "$SUMMARY"
 }
 

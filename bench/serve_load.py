@@ -158,7 +158,8 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="Default: the model's.")
     p.add_argument("--guidance", type=float, default=None, help="Default: the model's.")
     p.add_argument("--seed", type=int, default=1000, help="First seed (request i: seed + i).")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=os.environ.get("BITDANCE_API_KEY"),
+                   help="the server's key (default: $BITDANCE_API_KEY, as the server reads it)")
     p.add_argument("--timeout", type=float, default=600.0, help="Per request, seconds.")
     p.add_argument("--checkpoint", default=None, help="For --launch (default: built-in).")
     p.add_argument("--max-batch", type=int, default=8, help="For --launch.")

@@ -131,7 +131,8 @@ def generate(
     unknown = unknown_words(session.spec, prompt)
     if unknown:
         typer.echo(f"warning: this model was trained on a small vocabulary and never saw "
-                   f"{', '.join(repr(w) for w in unknown)}; the image will not show them "
+                   f"{', '.join(repr(w) for w in unknown)}; the image will not show "
+                   f"{'them' if len(unknown) > 1 else 'it'} "
                    f"(its words: {' '.join(session.spec.info.vocabulary)})", err=True)
     timer = StageTimer(dev, enabled=timings)
     images = session.generate(plan, on_step=progress_bar("AR steps", progress), timer=timer)[0]

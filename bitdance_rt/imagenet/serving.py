@@ -113,6 +113,9 @@ class ImageNetSession:
 
     @property
     def name(self) -> str:
+        """The released preset's name, or for another shape the checkpoint directory's."""
+        if self.model.name == "custom" and self.checkpoint is not None:
+            return Path(self.checkpoint).name
         return self.model.name
 
     @property
