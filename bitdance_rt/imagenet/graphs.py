@@ -14,14 +14,14 @@ must be those written (sizes, sha256).
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 import torch
 
 from ..errors import EngineError
-from ..manifest import (IMAGENET_GRAPHS, check_files, check_model, check_weights, graph_file,
-                        read_manifest)
+from .. import dtypes
+from ..manifest import (GRAPH_INPUTS, IMAGENET_GRAPHS, check_files, check_model, check_weights,
+                        graph_file, read_manifest)
 from ..models.posemb import tokens_to_latent
 from ..runtime.backends.onnxruntime_backend import load_session, providers_for, run_bound
 from ..sampling import run_steps
@@ -50,8 +50,7 @@ class GraphSteps:
                               "Runtime runs fp32 exports: re-export with --dtype fp32")
         self.manifest, self.limits = manifest, manifest["limits"]
         check_files(manifest, self.dir, IMAGENET_GRAPHS)
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16,
-                      "bf16": torch.bfloat16}[manifest["dtype"]]
+        self.dtype = dtypes.parse(manifest["dtype"])
         self._dev = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
         providers = providers_for(self.device)
         self.sessions = {}
@@ -59,8 +58,6 @@ class GraphSteps:
             session = load_session(manifest, self.dir, name, providers,
                                    self.device.type == "cpu")
             have = {i.name for i in session.get_inputs()}
-            from ..manifest import GRAPH_INPUTS
-
             if not GRAPH_INPUTS[name] <= have:
                 raise EngineError(f"{graph_file(manifest, self.dir, name)} is not this "
                                   f"version's {name} graph; re-export into {self.dir}")

@@ -27,7 +27,6 @@ cache for all sequences.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Callable
 
 import torch
@@ -163,7 +162,7 @@ def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, s
     docstring). ``seed``: an int, or ``(seed, images)`` per request (consecutive labels): each
     request draws from its own generator exactly what it draws alone. ``backend``: a name of
     ``BACKENDS`` or a runner (:func:`steps_for`). ``timer``: a
-    :class:`~bitdance_rt.runtime.timing.Timer` whose stages (``prefill``: the class tokens,
+    :class:`~bitdance_rt.runtime.timing.StageTimer` whose stages (``prefill``: the class tokens,
     ``block_step``: every later AR step, ``head``) the run is timed in."""
     runner = steps_for(model, backend) if isinstance(backend, str) else backend
     stage = timer.stage if timer is not None else (lambda name: contextlib.nullcontext())
@@ -180,9 +179,6 @@ def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, s
     def draw(both_halves: bool) -> torch.Tensor:
         """One draw for the sampled rows: per request its images' rows (and, when both
         halves of a guided batch are sampled, its unconditional rows after them)."""
-        if len(gens) == 1:
-            g, n = gens[0]
-            return torch.randn((2 * n if both_halves else n, *shape), generator=g, device=device)
         cond, uncond = [], []
         for g, n in gens:
             t = torch.randn((2 * n if both_halves else n, *shape), generator=g, device=device)

@@ -88,8 +88,10 @@ class ImageNetSession:
                                 f"are served with --backend {' or '.join(SERVE_BACKENDS)}")
         self.model, self.backend = model, backend
         self.checkpoint = Path(checkpoint) if checkpoint is not None else model.path
+        from .. import dtypes
+
         self.settings = settings or {"backend": backend, "device": str(model.device),
-                                     "dtype": str(model.dtype).replace("torch.", "")}
+                                     "dtype": dtypes.LONG[model.dtype]}
 
     @classmethod
     def open(cls, checkpoint, backend: str = "torch", device: str | None = None,
