@@ -89,3 +89,41 @@ def test_shape_masks_have_the_expected_fill(shape):
     fill = m.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
     expected = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}[shape]
     assert abs(fill - expected) < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_caption_generator_wordings_read_back(seed):
+    """Every wording the caption generator can give (all of them, enumerated) reads back as its
+    attributes, and the sampled training captions are among them, in the vocabulary."""
+    rng = np.random.default_rng(seed)
+    vocab = set(shapes.vocabulary())
+    for index in rng.integers(0, shapes.TRAIN_INDICES, size=12):
+        attrs = shapes.draw_attributes(int(index))
+        want = shapes.caption_attributes(attrs)
+        every = shapes.wordings(attrs)
+        assert len(every) >= 20, (seed, index)
+        for w in every:
+            assert parse_caption(w) == want, (seed, index, w)
+            assert set(w.split()) <= vocab, (seed, index, w)
+        for k in range(20):
+            text = shapes.phrase(attrs, np.random.default_rng([seed, k]))
+            assert shapes.normalize(text) in every, (seed, index, text)
+            assert parse_caption(text) == want, (seed, index, text)
+
+
+def test_training_captions_mix_the_template_and_the_issue_wordings():
+    caps = [shapes.training_caption(i) for i in range(3000)]
+    assert caps == [shapes.training_caption(i) for i in range(3000)]   # seeded by the index
+    template = sum(c == shapes.sample(i, 8)[1] for i, c in enumerate(caps)) / len(caps)
+    assert abs(template - shapes.P_TEMPLATE) < 0.05 + 0.05, template
+    text = "\n".join(caps)
+    # the ways people write that the generator must cover
+    for needle in (" in the middle", " in the center", " on the left side", " to the left",
+                   "that is ", "\nOn ", "\nA ", ".\n", " a orange", "\non a ", "\nan ",
+                   "e background, "):
+        assert needle in text, needle
+    assert any("," not in c for c in caps)
+    assert any(c.count(" ") == 4 and c.endswith("background") and "," in c
+               and not c.startswith(("a ", "an ")) for c in caps)   # "red circle, white background"
+    assert all(parse_caption(c) == shapes.caption_attributes(shapes.draw_attributes(i))
+               for i, c in enumerate(caps))

@@ -84,7 +84,10 @@ def test_canonical_captions_are_the_template():
     assert not bad
 
 
-def test_paraphrases_are_not_the_template():
+def test_paraphrases_are_no_training_wording():
+    """Held out for real: no paraphrase is the template or a wording the training caption
+    generator can produce (every wording of the caption's attributes enumerated; case and
+    punctuation aside), and the scorer's caption reader does not read it either."""
     bad = []
     for para, canon in ROWS:
         try:
@@ -92,9 +95,9 @@ def test_paraphrases_are_not_the_template():
             bad.append(para)
         except ValueError:
             pass
-        if para == canon:
+        if para == canon or shapes.normalize(para) in shapes.wordings(detect.parse_caption(canon)):
             bad.append(para)
-    assert not bad, "these read as the training template"
+    assert not bad, "these are training wordings"
 
 
 def test_paraphrases_name_what_their_captions_name():

@@ -95,7 +95,13 @@ class DemoConfig:
     cfg_drop: float = 0.1                # caption -> unconditional text
     text_weight: float = 0.01
     ema: float = 0.999
-    autocast: bool = True                # bfloat16 autocast for training (AMX/AVX512-BF16)
+    # bfloat16 autocast for training: "auto" uses it where the CPU computes in bfloat16
+    # (AMX or AVX512-BF16: about 3x faster); elsewhere it is about 10x slower than float32
+    autocast: str = "auto"
+    # training captions: "generated" (shapes.training_caption: the template's or one of the
+    # caption generator's wordings) or "template" (the template only, as the first release)
+    captions: str = "generated"
+    ae_part: str = "all"                 # "decoder": train only the decoder (tokens unchanged)
     # release defaults (measured; see tools/README.md)
     steps: int = 25
     guidance: float = 4.0
@@ -169,8 +175,11 @@ def images_tensor(indices, size: int, with_masks: bool = False):
     return x, torch.from_numpy(fg)[:, None].float()
 
 
-def captions_of(indices) -> list[str]:
-    return [shapes.caption_of(shapes.draw_attributes(shapes.train_index(i))) for i in indices]
+def captions_of(indices, kind: str = "generated") -> list[str]:
+    if kind == "template":
+        return [shapes.caption_of(shapes.draw_attributes(shapes.train_index(i)))
+                for i in indices]
+    return [shapes.training_caption(shapes.train_index(i)) for i in indices]
 
 
 def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -201,8 +210,18 @@ def lfq_entropy_loss(h: torch.Tensor, temperature: float = 0.25) -> torch.Tensor
     return per_token - usage
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AMX or AVX512-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def autocast(cfg: DemoConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast)
+    on = cfg.autocast in (True, "on") or (cfg.autocast == "auto" and cpu_has_bf16())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
 
 
 def pixel_weights(fg: torch.Tensor, fg_weight: float, edge_weight: float,
@@ -337,7 +356,7 @@ def ar_loss(m: dict, tokenizer, cfg: DemoConfig, indices, gen: torch.Generator):
     x = images_tensor(indices, cfg.size)
     with torch.no_grad():
         tokens = latent_to_tokens(m["ae"].encode(x).float(), cfg.patch)
-    caps = captions_of(indices)
+    caps = captions_of(indices, cfg.captions)
     drop = (torch.rand(len(caps), generator=gen) < cfg.cfg_drop).tolist()
     texts = [UNCONDITIONAL_TEXT if d else conditional_text(c) for c, d in zip(caps, drop)]
     batch = build_batch(tokenizer, texts, tokens, h, w, p, [not d for d in drop])
@@ -443,13 +462,20 @@ class Progress:
 
 
 def train_ae(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: int,
-             save_every: int, steps: int | None = None) -> BinaryAutoencoder:
+             save_every: int, steps: int | None = None,
+             init: Path | None = None) -> BinaryAutoencoder:
     total = steps or cfg.ae_steps
     path = work / "ae_state.pt"
     torch.manual_seed(seed)
     ae = BinaryAutoencoder(cfg.ae_config())
-    init_ae(ae)
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if init is not None:
+        ae.load_state_dict(release_weights(init, "ae"))
+    else:
+        init_ae(ae)
+    if cfg.ae_part == "decoder":
+        ae.encoder.requires_grad_(False)
+    trained = [q for q in ae.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.ae_lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
     if resume and path.is_file():
         st = torch.load(path, weights_only=False)
@@ -470,7 +496,7 @@ def train_ae(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: in
                                   cfg.ae_edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         prog(step, stats, lr)
         if (step + 1) % save_every == 0 or step + 1 == total:
@@ -497,15 +523,35 @@ def init_ae(ae: BinaryAutoencoder) -> None:
                 mod.beta.bias.zero_()
 
 
-def load_ae(cfg: DemoConfig, work: Path) -> BinaryAutoencoder:
-    st = torch.load(work / "ae_state.pt", weights_only=False)
+RELEASE_FILES = {"ae": "ae.safetensors", "llm": "model.safetensors",
+                 "head": "vision_head.safetensors", "projector": "projector.safetensors"}
+
+
+def release_weights(directory: Path, part: str) -> dict:
+    """One module's float32 state dict from a release directory (``--init``)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / RELEASE_FILES[part]
+    if not path.is_file():
+        raise SystemExit(f"error: --init {directory}: no {RELEASE_FILES[part]} there "
+                         "(name a directory this script wrote, e.g. bitdance_rt/demo/weights)")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def load_ae(cfg: DemoConfig, work: Path, init: Path | None = None) -> BinaryAutoencoder:
+    """The autoencoder of the ae stage's state in ``work``; without one, ``init``'s."""
     ae = BinaryAutoencoder(cfg.ae_config())
-    ae.load_state_dict(st["model"])
+    if (work / "ae_state.pt").is_file() or init is None:
+        st = torch.load(work / "ae_state.pt", weights_only=False)
+        ae.load_state_dict(st["model"])
+    else:
+        ae.load_state_dict(release_weights(init, "ae"))
     return ae.eval().requires_grad_(False)
 
 
 def train_ar(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: int,
-             save_every: int, steps: int | None = None, stop_at: int | None = None):
+             save_every: int, steps: int | None = None, stop_at: int | None = None,
+             init: Path | None = None):
     from bitdance_rt.checkpoint import load_tokenizer
 
     total = steps or cfg.ar_steps
@@ -513,8 +559,11 @@ def train_ar(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: in
     tok_dir.mkdir(parents=True, exist_ok=True)
     build_tokenizer(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
-    ae = load_ae(cfg, work)
+    ae = load_ae(cfg, work, init)
     models = build_ar_models(cfg, seed)
+    if init is not None:  # fine-tune a released model (the EMA starts from its weights)
+        for k, mod in models.items():
+            mod.load_state_dict(release_weights(init, k))
     params = [p for m in models.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.ar_lr, betas=(0.9, 0.95), weight_decay=0.0)
     ema = EMA(models, cfg.ema)
@@ -558,12 +607,13 @@ def train_ar(cfg: DemoConfig, work: Path, seed: int, resume: bool, log_every: in
 
 
 def export(cfg: DemoConfig, work: Path, out: Path, dtype: torch.dtype = torch.bfloat16,
-           use_ema: bool = True, steps: int | None = None, guidance: float | None = None):
+           use_ema: bool = True, steps: int | None = None, guidance: float | None = None,
+           init: Path | None = None):
     """Write the release directory (the released layout plus ``bitdance_rt.json``)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    ae = load_ae(cfg, work)
+    ae = load_ae(cfg, work, init)
     st = torch.load(work / "ar_state.pt", weights_only=False)
     models = build_ar_models(cfg, 0)
     src = st["ema"] if use_ema else st["models"]
@@ -601,9 +651,12 @@ def export(cfg: DemoConfig, work: Path, out: Path, dtype: torch.dtype = torch.bf
             "colours on a plain background, with captions such as 'a red circle on the left, on "
             "a white background'." % cfg.parallel_num),
         "caption_grammar": ("a COLOUR SHAPE [POSITION] [and a COLOUR SHAPE POSITION], "
-                            "on a COLOUR background"),
+                            "on a COLOUR background" + (
+                                " (and the wordings of bitdance_rt.demo.shapes.phrase)"
+                                if cfg.captions == "generated" else "")),
         "training": {"ae_steps": st.get("config", {}).get("ae_steps"),
-                     "ar_steps": st["step"], "ema": use_ema},
+                     "ar_steps": st["step"], "ema": use_ema,
+                     "init": str(init) if init is not None else None},
     }
     (out / "bitdance_rt.json").write_text(json.dumps(meta, indent=2))
     return out
@@ -645,6 +698,22 @@ def main(argv=None):
     ap.add_argument("--ar-batch", type=int, default=None, help="captions per AR step "
                     "(not given: the preset's)")
     ap.add_argument("--resume", action="store_true", help="continue from the states in --work")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from the weights of a release directory (fine-tuning; e.g. "
+                    "bitdance_rt/demo/weights) instead of a fresh initialization; the ar and "
+                    "export stages take its autoencoder when --work has none")
+    ap.add_argument("--captions", choices=("generated", "template"), default=None,
+                    help="training captions: the caption generator's wordings mixed with the "
+                    "template (generated, the default) or the template only")
+    ap.add_argument("--ae-part", choices=("all", "decoder"), default=None,
+                    help="ae stage: train the whole autoencoder (all) or only its decoder "
+                    "(decoder: the tokens, and so a trained AR model, stay valid)")
+    ap.add_argument("--autocast", choices=("auto", "on", "off"), default=None,
+                    help="bfloat16 autocast in training (auto: where the CPU has AMX or "
+                    "AVX512-BF16)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate of the stage(s) run (not given: the preset's)")
+    ap.add_argument("--warmup", type=int, default=None, help="AR warm-up steps")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="end the AR stage after this step (the schedule still spans "
                     "--ar-steps); --resume continues from there")
@@ -679,18 +748,26 @@ def run(args) -> None:
         cfg.ar_steps = args.ar_steps
     if args.ar_batch is not None:
         cfg.ar_batch = args.ar_batch
+    for name, field_name in (("captions", "captions"), ("ae_part", "ae_part"),
+                             ("autocast", "autocast"), ("warmup", "ar_warmup")):
+        if getattr(args, name) is not None:
+            setattr(cfg, field_name, getattr(args, name))
+    if args.lr is not None:
+        cfg.ae_lr = cfg.ar_lr = args.lr
     cfg.validate()
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"config: {json.dumps(asdict(cfg))}", flush=True)
     if args.stage in ("ae", "all"):
-        train_ae(cfg, args.work, args.seed, args.resume, args.log_every, args.save_every)
+        train_ae(cfg, args.work, args.seed, args.resume, args.log_every, args.save_every,
+                 init=args.init)
     if args.stage in ("ar", "all"):
         train_ar(cfg, args.work, args.seed, args.resume, args.log_every, args.save_every,
-                 stop_at=args.stop_at)
+                 stop_at=args.stop_at, init=args.init)
     if args.stage in ("all", "export", "ar"):
         dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-        out = export(cfg, args.work, args.out, dtype, not args.no_ema, args.steps, args.guidance)
+        out = export(cfg, args.work, args.out, dtype, not args.no_ema, args.steps, args.guidance,
+                     init=args.init)
         size = sum(f.stat().st_size for f in out.iterdir())
         print(f"wrote {out} ({size / 1e6:.1f} MB)", flush=True)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .shapes import COLOURS, PALETTE, POSITION_PHRASE, SHAPES
+from .shapes import COLOURS, PALETTE, POSITION_PHRASE, POSITION_WORDINGS, SHAPES, normalize
 
 KINDS = ("colour", "shape", "position", "background")
 MIN_AREA = 0.006        # fraction of the image a component needs to count as an object
@@ -58,15 +58,52 @@ _CAPTION_RE = re.compile(
     rf"^{_OBJECT_RE}(?: and {_OBJECT_RE})?,? on an? ({_COLOUR_RE}) background\.?$")
 _PHRASE_TO_POS = {v: k for k, v in POSITION_PHRASE.items()}
 
+# The caption generator's grammar (bitdance_rt.demo.shapes, "The caption generator"), read on
+# the normalized text (no case, no punctuation: commas and a final period do not matter).
+_WORDING_TO_POS = {w: pos for pos, ws in POSITION_WORDINGS.items() for w in ws}
+_ANY_POS_RE = "|".join(re.escape(w) for w in sorted(_WORDING_TO_POS, key=len, reverse=True))
+
+
+_ART_RE = "(?:a |an (?=[aeiou]))?"   # "a", "an" before a vowel, or nothing (as the generator)
+
+
+def _object_re(i: int) -> str:
+    return (rf"{_ART_RE}(?:(?P<c{i}>{_COLOUR_RE}) (?P<s{i}>{_SHAPE_RE})"
+            rf"|(?P<t{i}>{_SHAPE_RE}) that is (?P<d{i}>{_COLOUR_RE}))(?: (?P<p{i}>{_ANY_POS_RE}))?")
+
+
+_BODY_RE = rf"{_object_re(1)}(?: (?:and )?{_object_re(2)})?"
+_BG_RE = rf"(?:on )?{_ART_RE}(?P<bg>{_COLOUR_RE}) background"
+_WORDING_RES = (re.compile(rf"^{_BODY_RE} {_BG_RE}$"), re.compile(rf"^{_BG_RE} {_BODY_RE}$"))
+
+
+def _parse_wording(caption: str) -> dict | None:
+    text = normalize(caption)
+    m = _WORDING_RES[0].match(text) or _WORDING_RES[1].match(text)
+    if not m:
+        return None
+    objects = []
+    for i in (1, 2):
+        colour, shape = m[f"c{i}"] or m[f"d{i}"], m[f"s{i}"] or m[f"t{i}"]
+        if colour is None:
+            continue
+        objects.append({"shape": shape, "colour": colour,
+                        "position": _WORDING_TO_POS[m[f"p{i}"]] if m[f"p{i}"] else None})
+    return {"background": m["bg"], "objects": objects}
+
 
 def parse_caption(caption: str) -> dict:
     """Caption -> ``{"background", "objects": [{"shape", "colour", "position"}]}``.
 
-    Accepts the dataset's grammar (case and extra spaces are ignored); raises ``ValueError``
-    naming the grammar otherwise."""
+    Accepts the dataset's template (case and extra spaces are ignored) and every wording of
+    the caption generator (``shapes.phrase``); raises ``ValueError`` naming the grammar
+    otherwise."""
     text = " ".join(caption.lower().replace(" ,", ",").split())
     m = _CAPTION_RE.match(text)
     if not m:
+        wording = _parse_wording(caption)
+        if wording is not None:
+            return wording
         raise ValueError(
             f"cannot read the caption {caption!r}: the shapes scorer understands "
             "'a COLOUR SHAPE [POSITION] [and a COLOUR SHAPE [POSITION]], on a COLOUR background' "

@@ -60,13 +60,27 @@ P_TWO_SHAPES = 0.4
 P_PLACED = 0.75                # a single shape's caption names its position
 
 
+# The ways the caption generator (:func:`phrase`) words a position; the first is the template's.
+POSITION_WORDINGS = {
+    "left": ("on the left", "on the left side", "to the left", "left"),
+    "right": ("on the right", "on the right side", "to the right", "right"),
+    "top": ("at the top", "top"),
+    "bottom": ("at the bottom", "bottom"),
+    "centre": ("in the centre", "in the center", "in the middle"),
+}
+P_TEMPLATE = 0.3               # a training caption is the template's, else a generated wording
+P_CAPITAL = 0.3                # a generated wording starts with a capital letter
+P_PERIOD = 0.3                 # ... ends with a period
+
+
 def vocabulary() -> list[str]:
-    """Every word a caption uses, sorted."""
-    words = {"a", "an", "and", "on", "background"}
+    """Every word a caption uses (the template's and the generator's), sorted."""
+    words = {"a", "an", "and", "on", "background", "that", "is"}
     words.update(COLOURS)
     words.update(SHAPES)
-    for phrase in POSITION_PHRASE.values():
-        words.update(phrase.split())
+    for wordings in POSITION_WORDINGS.values():
+        for phrase in wordings:
+            words.update(phrase.split())
     return sorted(words)
 
 
@@ -84,6 +98,103 @@ def caption_of(attrs: dict) -> str:
         parts.append(text)
     bg = attrs["background"]
     return " and ".join(parts) + f", on {article(bg)} {bg} background"
+
+
+# ----------------------------------------------------------------------------------------------
+# The caption generator: the ways people write the template's captions
+#
+#   CAPTION  := BODY SEP BG_ON | BODY ", " BG_BARE | BG_ON ", " BODY | BG_BARE ", " BODY
+#   BODY     := OBJECT | OBJECT JOIN OBJECT            JOIN := " and " | ", " | ", and "
+#   OBJECT   := ART COLOUR SHAPE [" " POSITION] | ART SHAPE " that is " COLOUR [" " POSITION]
+#   BG_ON    := "on " BG_BARE                          BG_BARE := ART COLOUR " background"
+#   ART      := the right article ("an" before a vowel) | "a" | nothing
+#   SEP      := ", " | " "
+#   POSITION := one of POSITION_WORDINGS[position] (left: "on the left", "on the left side",
+#               "to the left", "left"; centre: "in the centre", "in the center", "in the middle")
+#
+# then, independently, a capital first letter (P_CAPITAL) and a final period (P_PERIOD). Each
+# choice is uniform over its options; a training caption is the template's with probability
+# P_TEMPLATE. Every choice is drawn from a generator seeded by the sample's index, like its
+# image. :func:`wordings` lists every wording of one set of attributes (case and punctuation
+# aside); :func:`bitdance_rt.demo.detect.parse_caption` reads all of them.
+
+
+def _compose(attrs: dict, pick) -> str:
+    """One wording of ``attrs``; ``pick(options)`` makes every choice (see the grammar)."""
+
+    def art(word: str) -> str:
+        a = pick(sorted({article(word), "a", ""}))
+        return f"{a} " if a else ""
+
+    def obj(o: dict) -> str:
+        if pick(("colour shape", "shape that is colour")) == "colour shape":
+            text = f"{art(o['colour'])}{o['colour']} {o['shape']}"
+        else:
+            text = f"{art(o['shape'])}{o['shape']} that is {o['colour']}"
+        if o.get("position"):
+            text += " " + pick(POSITION_WORDINGS[o["position"]])
+        return text
+
+    body = obj(attrs["objects"][0])
+    for o in attrs["objects"][1:]:
+        body += pick((" and ", ", ", ", and ")) + obj(o)
+    bg = attrs["background"]
+    bare = f"{art(bg)}{bg} background"
+    form = pick(("body bg", "body, bare", "bg, body", "bare, body"))
+    if form == "body bg":
+        return body + pick((", ", " ")) + "on " + bare
+    if form == "body, bare":
+        return f"{body}, {bare}"
+    if form == "bg, body":
+        return f"on {bare}, {body}"
+    return f"{bare}, {body}"
+
+
+def phrase(attrs: dict, rng: np.random.Generator) -> str:
+    """A generated wording of ``attrs`` (the grammar above), with its surface choices."""
+    text = _compose(attrs, lambda options: options[rng.integers(len(options))])
+    if rng.random() < P_CAPITAL:
+        text = text[0].upper() + text[1:]
+    if rng.random() < P_PERIOD:
+        text += "."
+    return text
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, single spaces: what tells two wordings apart."""
+    return " ".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
+
+
+def wordings(attrs: dict) -> set[str]:
+    """Every wording :func:`phrase` can give for ``attrs``, normalized (:func:`normalize`)."""
+    out, path = set(), []
+    while True:
+        counts, depth = [], [0]
+
+        def pick(options):
+            i = path[depth[0]] if depth[0] < len(path) else 0
+            counts.append(len(options))
+            depth[0] += 1
+            return options[i]
+
+        out.add(normalize(_compose(attrs, pick)))
+        path = path + [0] * (len(counts) - len(path))
+        # next choice sequence, odometer style (the last choice turns fastest)
+        k = len(counts) - 1
+        while k >= 0 and path[k] + 1 >= counts[k]:
+            k -= 1
+        if k < 0:
+            return out
+        path = path[:k] + [path[k] + 1]
+
+
+def training_caption(index: int) -> str:
+    """The caption training uses for sample ``index``: the template's or a generated wording."""
+    attrs = draw_attributes(index)
+    rng = np.random.default_rng([DATASET_SEED, int(index), 1])
+    if rng.random() < P_TEMPLATE:
+        return caption_of(attrs)
+    return phrase(attrs, rng)
 
 
 def draw_attributes(index: int) -> dict:
