@@ -22,9 +22,10 @@ and ``torch``):
   elsewhere it is ``F.linear``). With ``--dtype bfloat16`` their fp32 weights run under
   ``torch.autocast(bf16)``, and on CUDA with ``set_float32_matmul_precision("high")`` and
   deterministic cuDNN, as their ``sample_ddp.py`` does.
-- ``reference``, ``torch``, ``onnxruntime``: ``bitdance_rt.imagenet.sample.generate(model,
-  labels, steps, guidance, seed, runner)`` (the model's weights in ``--dtype``; onnxruntime:
-  the graphs of ``--export-dir``, an export of ``--checkpoint``, loaded before the runs).
+- ``reference``, ``torch``, ``onnxruntime``, ``tensorrt``:
+  ``bitdance_rt.imagenet.sample.generate(model, labels, steps, guidance, seed, runner)`` (the
+  model's weights in ``--dtype``; onnxruntime: the graphs of ``--export-dir``, an export of
+  ``--checkpoint``; tensorrt: that export's engines, on a GPU; loaded before the runs).
 
 Weights: ``--preset NAME[,NAME...]`` builds random weights, a pure function of ``--weights-seed``
 (drawn on the run's device): ``tiny``, ``tiny-4x``, ``tiny-16x`` are make-tiny's checkpoints
@@ -74,7 +75,8 @@ from bitdance_rt.imagenet.transformer import ClassConditionalTransformer, rope_t
 from bitdance_rt.models.autoencoder import BinaryAutoencoder  # noqa: E402
 
 TINY = {"tiny": 1, "tiny-1x": 1, "tiny-4x": 4, "tiny-16x": 16}
-OURS = sample.BACKENDS  # ("torch", "reference", "onnxruntime")
+OURS = sample.BACKENDS  # ("torch", "reference", "onnxruntime", "tensorrt")
+GRAPH_RUNNERS = sample.GRAPH_BACKENDS  # held to parity, not to bit equality
 ORT_PARITY = 0.999
 
 
@@ -418,19 +420,19 @@ def run_preset(args, label, device, dtype, out, tmp: Path) -> dict:
     # parity: >= 99.9% of the uint8 values identical (as `bitdance-export check` requires)
     result["exact"] = all(r.get(f"identical_to_{b}") is None
                           or r[f"identical_to_{b}"]["images"] == r[f"identical_to_{b}"]["of"]
-                          for r in rows.values() if r["runner"] != "onnxruntime"
+                          for r in rows.values() if r["runner"] not in GRAPH_RUNNERS
                           for b in ("authors", "reference"))
     result["parity"] = all(r.get(f"identical_to_{b}") is None
                            or r[f"identical_to_{b}"]["values"] >= ORT_PARITY
-                           for r in rows.values() if r["runner"] == "onnxruntime"
+                           for r in rows.values() if r["runner"] in GRAPH_RUNNERS
                            for b in ("authors", "reference"))
     result["complete"] = True
     print_table(result)
     if exact:
         print("bit for bit (CPU, float32; PyTorch runners): "
               + ("every image identical" if result["exact"] else "NOT IDENTICAL"))
-        if "onnxruntime" in rows:
-            print(f"onnxruntime: >= {100 * ORT_PARITY:g}% of uint8 values identical: "
+        for name in (n for n in GRAPH_RUNNERS if n in rows):
+            print(f"{name}: >= {100 * ORT_PARITY:g}% of uint8 values identical: "
                   + ("yes" if result["parity"] else "NO"))
     write_json(args.json, out)
     del runners, model, authors
@@ -451,11 +453,13 @@ def parse_args(argv=None):
     ap.add_argument("--authors", type=Path, default=None,
                     help="the authors' imagenet_gen directory (holding src/): adds their runner")
     ap.add_argument("--runners", default=None,
-                    help="comma-separated: authors, reference, torch, onnxruntime (default: "
+                    help="comma-separated: authors, reference, torch, onnxruntime, tensorrt "
+                    "(default: "
                     "authors when --authors is given, reference, torch)")
     ap.add_argument("--export-dir", type=Path, default=None,
-                    help="for the onnxruntime runner: `bitdance-export --checkpoint DIR --out "
-                    "EXPORT` of the --checkpoint")
+                    help="for the onnxruntime and tensorrt runners: `bitdance-export "
+                    "--checkpoint DIR --out EXPORT` of the --checkpoint (tensorrt: with "
+                    "--engines, on a GPU)")
     ap.add_argument("--batch", type=int, default=16, help="images per run")
     ap.add_argument("--steps", type=int, default=None, help="head steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="default: the model's")
@@ -477,9 +481,11 @@ def parse_args(argv=None):
     if bad or not args.runners or len(set(args.runners)) != len(args.runners):
         ap.error(f"--runners takes distinct names of authors, {', '.join(OURS)}; "
                  f"got {','.join(args.runners)}")
-    if "onnxruntime" in args.runners and (args.export_dir is None or args.checkpoint is None):
-        ap.error("the onnxruntime runner needs --checkpoint DIR and --export-dir EXPORT (its "
-                 "export: bitdance-export --checkpoint DIR --out EXPORT)")
+    graph = [r for r in args.runners if r in GRAPH_RUNNERS]
+    if graph and (args.export_dir is None or args.checkpoint is None):
+        ap.error(f"the {graph[0]} runner needs --checkpoint DIR and --export-dir EXPORT (its "
+                 "export: bitdance-export --checkpoint DIR --out EXPORT; tensorrt: with "
+                 "--engines)")
     if "authors" in args.runners and args.authors is None:
         ap.error("the authors runner needs --authors PATH (the directory holding their src/)")
     if args.authors is not None:

@@ -108,17 +108,84 @@ def test_generate_cli_runs_the_export(export4, ckpt4, tmp_path):
         assert (a == b).mean() >= 0.999
 
 
-def test_engines_build_from_the_export(export4, tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (the test extra) is not installed")
-    copy = tmp_path / "export"
+@pytest.fixture(scope="module")
+def engines4(export4, tmp_path_factory):
+    """A copy of the export with engines built for it (TensorRT-RTX on a CPU machine; with
+    BITDANCE_TRT=tensorrt on a GPU machine, engines for its GPU)."""
+    from bitdance_rt import trt as trt_compat
+
+    try:
+        trt_compat.load()
+    except Exception as e:  # noqa: BLE001 - the reason is printed
+        pytest.skip(f"no TensorRT to build with: {e}")
+    copy = tmp_path_factory.mktemp("in4e") / "export"
     shutil.copytree(export4, copy)
     r = CliRunner().invoke(export_app, ["build", str(copy)])
     assert r.exit_code == 0, r.output
+    return copy
+
+
+def test_engines_build_from_the_export(engines4):
+    copy = engines4
     info = json.loads((copy / "engines" / "engines.json").read_text())
     assert set(info["engines"]) == set(imagenet_export.GRAPHS)
     past = info["engines"]["next_step"]["profile"]["past_keys"]
     m = json.loads((copy / "manifest.json").read_text())
     assert past["min"][3] == m["past_range"][0] and past["max"][3] == m["past_range"][1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's refusals (a GPU "
+                    "machine runs the engines: test_tensorrt_runner_matches_torch_on_gpu)")
+def test_tensorrt_runner_checks_the_engines_then_needs_a_gpu(engines4, ckpt4, tmp_path):
+    """Every check before CUDA work runs on real engines: the family, the model they were
+    exported from, the engine files; then the one line that a GPU is needed."""
+    run = CliRunner().invoke
+    base = ["generate", "-c", str(ckpt4), "--class", "1", "--steps", "2", "--no-progress",
+            "--backend", "tensorrt", "--out", str(tmp_path / "r.png")]
+    one_line_error(run(rt_app, base), "--export-dir")
+    for where in (engines4, engines4 / "engines"):
+        one_line_error(run(rt_app, base + ["--export-dir", str(where)]), "CUDA GPU")
+        with pytest.raises(EngineError, match="CUDA GPU"):
+            sample.steps_for(checkpoint.load(ckpt4, weights=False), "tensorrt", where)
+    r = run(rt_app, ["sample", "-c", str(ckpt4), "--num", "2", "--out", str(tmp_path / "s.npz"),
+                     "--backend", "tensorrt", "--export-dir", str(engines4), "--no-progress"])
+    one_line_error(r, "CUDA GPU")
+    other = tiny.make_tiny(tmp_path / "other", 4, 99)   # same shapes, other weights
+    with pytest.raises(EngineError, match="other weights"):
+        sample.steps_for(checkpoint.load(other, weights=False), "tensorrt", engines4)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(engines4, damaged)
+    info = json.loads((damaged / "engines" / "engines.json").read_text())
+    f = damaged / "engines" / info["engines"]["next_step"]["file"]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="rebuild"):
+        sample.steps_for(checkpoint.load(ckpt4, weights=False), "tensorrt", damaged)
+    assert not (tmp_path / "r.png").exists() and not (tmp_path / "s.npz").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="runs the engines: needs a CUDA GPU "
+                    "and a TensorRT that builds for it (BITDANCE_TRT=tensorrt on H100/H200)")
+@pytest.mark.parametrize("seed", [4])
+def test_tensorrt_runner_matches_torch_on_gpu(engines4, ckpt4, seed):
+    """The family's engines (fp32) against the torch backend in float32 on the same GPU: the
+    same tokens for most AR steps, >= 99% identical pixels."""
+    from bitdance_rt import trt as trt_compat
+
+    info = json.loads((engines4 / "engines" / "engines.json").read_text())
+    if trt_compat.gpu_target() not in info["targets"]:
+        pytest.skip(f"the engines were built for {info['targets']}, this GPU is "
+                    f"{trt_compat.gpu_target()} (set BITDANCE_TRT=tensorrt)")
+    model = checkpoint.load(ckpt4, device="cuda")
+    engines = sample.steps_for(checkpoint.load(ckpt4, weights=False, device="cuda"),
+                               "tensorrt", engines4)
+    labels = [1, 5, 9]
+    a = sample.generate(model, labels, 4, 3.0, seed)
+    b = sample.generate(model, labels, 4, 3.0, seed, engines)
+    assert (a == b).float().mean().item() >= 0.99, seed
 
 
 def test_refusals(export4, ckpt4, tiny_ckpt, tmp_path):

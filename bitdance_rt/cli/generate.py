@@ -191,10 +191,10 @@ def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guida
     if backend not in sample.BACKENDS:
         raise BitDanceError(f"--backend {backend}: ImageNet checkpoints run with --backend "
                             f"{', '.join(sample.BACKENDS)}")
-    if (backend == "onnxruntime") != (engine_dir is not None):
-        raise BitDanceError("--backend onnxruntime and --export-dir go together for ImageNet "
-                            "checkpoints (the graphs of `bitdance-export --checkpoint DIR "
-                            "--out EXPORT`)")
+    if (backend in sample.GRAPH_BACKENDS) != (engine_dir is not None):
+        raise BitDanceError("--backend onnxruntime or tensorrt and --export-dir go together for "
+                            "ImageNet checkpoints (the graphs of `bitdance-export --checkpoint "
+                            "DIR --out EXPORT`, and for tensorrt their engines)")
     if compile:
         raise BitDanceError("--compile is not available for ImageNet checkpoints; leave it out")
     dev = resolve_device(device)
@@ -203,7 +203,7 @@ def _generate_imagenet(checkpoint, label, prompt, *, height, width, steps, guida
     configs = imagenet_checkpoint.load(checkpoint, weights=False)
     req = ClassRequest(label, num_images, seed, steps, guidance).resolved(configs, height, width)
     check_output(out, num_images, (configs.spec.image_size,) * 2)  # and room for them
-    graphs = backend == "onnxruntime"  # the graphs hold the weights
+    graphs = backend in sample.GRAPH_BACKENDS  # the graphs hold the weights
     model = imagenet_checkpoint.load(checkpoint, dt, dev, weights=not graphs)
     runner = sample.steps_for(model, backend, engine_dir)
     timer = None

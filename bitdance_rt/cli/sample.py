@@ -86,11 +86,12 @@ def sample(
                                         "model's)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale, on the authors' linear "
                                              "schedule over AR steps (default: the model's)."),
-    backend: str = typer.Option("torch", help="torch, reference or onnxruntime (with "
-                                "--export-dir)."),
+    backend: str = typer.Option("torch", help="torch, reference, onnxruntime or tensorrt (both "
+                                "with --export-dir)."),
     engine_dir: Optional[Path] = typer.Option(
-        None, "--export-dir", help="With --backend onnxruntime: the graphs of `bitdance-export "
-        "--checkpoint DIR --out EXPORT` (they hold the weights)."),
+        None, "--export-dir", "--engine-dir", help="With --backend onnxruntime: the graphs of "
+        "`bitdance-export --checkpoint DIR --out EXPORT` (they hold the weights); tensorrt: the "
+        "same directory (or its engines/) after `bitdance-export build`."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda if "
                                          "present; under torchrun: cuda:LOCAL_RANK)."),
     dtype: Optional[str] = typer.Option(None, help="float32 or bfloat16 (default: bfloat16 "
@@ -117,9 +118,10 @@ def sample(
     if backend not in imagenet_sample.BACKENDS:
         raise BitDanceError(f"--backend {backend}: sample runs with --backend "
                             f"{', '.join(imagenet_sample.BACKENDS)}")
-    if (backend == "onnxruntime") != (engine_dir is not None):
-        raise BitDanceError("--backend onnxruntime and --export-dir go together (the graphs of "
-                            "`bitdance-export --checkpoint DIR --out EXPORT`)")
+    if (backend in imagenet_sample.GRAPH_BACKENDS) != (engine_dir is not None):
+        raise BitDanceError("--backend onnxruntime or tensorrt and --export-dir go together (the "
+                            "graphs of `bitdance-export --checkpoint DIR --out EXPORT`, and for "
+                            "tensorrt their engines)")
     out = check_out(out)  # before anything is loaded
     rank, world = shard_from_env(shard)
     if device is None and "LOCAL_RANK" in os.environ:
@@ -139,7 +141,8 @@ def sample(
                     seed=req.seed, steps=req.steps, guidance=req.guidance,
                     model=_fingerprint(Path(checkpoint)))
     check_room_for(out, run, 3 * spec.image_size ** 2)
-    model = imagenet_checkpoint.load(checkpoint, dt, dev, weights=backend != "onnxruntime")
+    model = imagenet_checkpoint.load(checkpoint, dt, dev,
+                                     weights=backend not in imagenet_sample.GRAPH_BACKENDS)
     runner = imagenet_sample.steps_for(model, backend, engine_dir)
 
     def generate_chunk(labels, chunk_seed):

@@ -9,6 +9,11 @@ N + 1 step times), then N + 1 ``head_step`` calls through :func:`bitdance_rt.sam
 Only the checkpoint's configs are needed (``load(dir, weights=False)``): the graphs hold the
 weights. The export must match the checkpoint (config hash, weights fingerprint) and its files
 must be those written (sizes, sha256).
+
+:class:`EngineSteps` runs the same calls on the TensorRT engines ``bitdance-export build`` made
+of such an export (on a CUDA GPU): the engine directory, the export it came from, the TensorRT
+that built them and the GPU's target are checked as for the text-to-image engines, before any
+CUDA work; tensors are bound by address (the text-to-image backend's :func:`bind`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import torch
 
 from ..errors import EngineError
 from .. import dtypes
-from ..manifest import (GRAPH_INPUTS, IMAGENET_GRAPHS, check_files, check_model, check_weights,
-                        graph_file, read_manifest)
+from ..manifest import (GRAPH_INPUTS, IMAGENET_GRAPHS, check_engines, check_files, check_model,
+                        check_weights, engine_file, find_engine_dir, graph_file, read_engines,
+                        read_manifest)
 from ..models.posemb import tokens_to_latent
 from ..runtime.backends.onnxruntime_backend import load_session, providers_for, run_bound
 from ..sampling import run_steps
@@ -35,22 +41,12 @@ class GraphSteps:
         if export_dir is None:
             raise EngineError("--backend onnxruntime needs --export-dir, a directory written by "
                               "`bitdance-export --checkpoint DIR --out EXPORT`")
-        self.model, self.spec, self.device = model, model.spec, model.device
-        self.dir = Path(export_dir)
-        manifest = read_manifest(self.dir)
-        if manifest.get("family") != "imagenet":
-            raise EngineError(f"{self.dir} holds a text-to-image model's graphs, not a "
-                              "class-conditional one's; export this checkpoint with "
-                              f"`bitdance-export --checkpoint {model.path} --out DIR`")
-        check_model(manifest, self.spec, self.dir)
-        if model.path is not None:
-            check_weights(manifest, model.path, self.dir, files=weight_files(model.path))
+        self._check_model(model, Path(export_dir), read_manifest(export_dir))
+        manifest = self.manifest
         if manifest["dtype"] != "fp32" and self.device.type == "cpu":
             raise EngineError(f"{self.dir} holds {manifest['dtype']} graphs; on the CPU ONNX "
                               "Runtime runs fp32 exports: re-export with --dtype fp32")
-        self.manifest, self.limits = manifest, manifest["limits"]
         check_files(manifest, self.dir, IMAGENET_GRAPHS)
-        self.dtype = dtypes.parse(manifest["dtype"])
         self._dev = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
         providers = providers_for(self.device)
         self.sessions = {}
@@ -62,9 +58,24 @@ class GraphSteps:
                 raise EngineError(f"{graph_file(manifest, self.dir, name)} is not this "
                                   f"version's {name} graph; re-export into {self.dir}")
             self.sessions[name] = session
+        self._bytes = {n: sum(manifest["graphs"][n]["files"].values()) for n in IMAGENET_GRAPHS}
+
+    def _check_model(self, model: ImageNetModel, d: Path, manifest: dict) -> None:
+        """The graphs in ``d`` (described by ``manifest``) are this family's, of ``model``'s
+        config and (when it has a directory) of its weights."""
+        self.model, self.spec, self.device = model, model.spec, model.device
+        self.dir = d
+        if manifest.get("family") != "imagenet":
+            raise EngineError(f"{d} holds a text-to-image model's graphs, not a "
+                              "class-conditional one's; export this checkpoint with "
+                              f"`bitdance-export --checkpoint {model.path} --out DIR`")
+        check_model(manifest, self.spec, d)
+        if model.path is not None:
+            check_weights(manifest, model.path, d, files=weight_files(model.path))
+        self.manifest, self.limits = manifest, manifest["limits"]
+        self.dtype = dtypes.parse(manifest["dtype"])
         self.past = None
         self.meter = None
-        self._bytes = {n: sum(manifest["graphs"][n]["files"].values()) for n in IMAGENET_GRAPHS}
 
     def _run(self, name: str, inputs: dict, outputs: dict) -> dict:
         run_bound(self.sessions[name], self._dev, inputs, outputs)
@@ -146,3 +157,68 @@ class GraphSteps:
 
     def finish(self) -> None:
         self.past = None
+
+
+class EngineSteps(GraphSteps):
+    """The family's TensorRT engines (``bitdance-export build`` of its export), on a CUDA GPU."""
+
+    name = "tensorrt"
+
+    def __init__(self, model: ImageNetModel, engine_dir, flavor: str | None = None):
+        from .. import trt as trt_compat
+        from ..runtime.backends.tensorrt_backend import check_runtime, require_gpu
+
+        if engine_dir is None:
+            raise EngineError("--backend tensorrt needs --export-dir: an export with its engines "
+                              "(`bitdance-export --checkpoint DIR --out EXPORT --engines`, or "
+                              "`bitdance-export build EXPORT`)")
+        d = find_engine_dir(engine_dir)
+        info = read_engines(d)
+        check_engines(info, d)
+        self._check_model(model, d, read_manifest(d))
+        self.info = info
+        self.flavor = trt_compat.load(flavor or info["flavor"])
+        gpu = trt_compat.gpu_target(self.device) if self.device.type == "cuda" else None
+        check_runtime(info, self.flavor, gpu, d, device_checked=False)
+        require_gpu(self.device)
+        check_runtime(info, self.flavor, gpu, d)
+        self._bytes = {n: info["engines"][n]["bytes"] for n in IMAGENET_GRAPHS}
+        # -- CUDA work starts here --
+        with torch.cuda.device(self.device):
+            self._logger = self.flavor.logger()
+            self.runtime = self.flavor.trt.Runtime(self._logger)
+            self.engines, self.contexts = {}, {}
+            for name in IMAGENET_GRAPHS:
+                path = engine_file(info, d, name)  # checked, then loaded
+                engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+                if engine is None:
+                    raise EngineError(f"{self.flavor.label} cannot load engine {path} on this "
+                                      f"GPU; rebuild it with `bitdance-export build` for "
+                                      f"{self.device}")
+                names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+                if not GRAPH_INPUTS[name] <= names:
+                    raise EngineError(f"{path} is not this version's {name} engine; re-export "
+                                      "and rebuild the engines")
+                self.engines[name] = engine
+                self.contexts[name] = engine.create_execution_context()
+            self._stream = torch.cuda.Stream(self.device)
+
+    def _run(self, name: str, inputs: dict, outputs: dict) -> dict:
+        from ..runtime.backends.tensorrt_backend import bind, engine_stream
+
+        inputs = {k: v.to(self.device).contiguous() for k, v in inputs.items()}
+        ctx = self.contexts[name]
+        keep, back = bind(ctx, name, inputs, outputs)
+        with torch.cuda.device(self.device), engine_stream(
+                torch.cuda.current_stream(self.device), torch.cuda.default_stream(self.device),
+                self._stream, torch.cuda.stream) as stream:
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise EngineError(f"{self.flavor.label} failed to run the {name} engine (shapes "
+                                  "outside its profile?); re-export with limits that cover this "
+                                  "request and rebuild the engines")
+            for dst, tmp in back:
+                dst.copy_(tmp)
+        del keep, inputs
+        if self.meter is not None:
+            self.meter.add(1, self._bytes[name])
+        return outputs

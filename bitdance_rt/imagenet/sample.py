@@ -36,7 +36,8 @@ from ..models.steps import tile_rows, to_uint8
 from ..sampling import sample_block, sample_block_premodulated, step_schedule
 from .checkpoint import ImageNetModel
 
-BACKENDS = ("torch", "reference", "onnxruntime")
+BACKENDS = ("torch", "reference", "onnxruntime", "tensorrt")
+GRAPH_BACKENDS = ("onnxruntime", "tensorrt")  # the export's graphs or engines hold the weights
 
 
 def guidance_at(guidance: float, k: int, num_blocks: int) -> float:
@@ -134,14 +135,19 @@ class HeadLoop:
 
 
 def steps_for(model: ImageNetModel, backend: str = "torch", export_dir=None):
-    """The runner of ``backend`` for ``model`` (``onnxruntime``: the graphs in
-    ``export_dir``; the model may then be loaded without weights)."""
+    """The runner of ``backend`` for ``model`` (``onnxruntime``: the graphs in ``export_dir``;
+    ``tensorrt``: their engines, ``export_dir`` or its ``engines/``; the model may then be
+    loaded without weights)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "onnxruntime":
         from .graphs import GraphSteps
 
         return GraphSteps(model, export_dir)
+    if backend == "tensorrt":
+        from .graphs import EngineSteps
+
+        return EngineSteps(model, export_dir)
     return TorchSteps(model, reference=backend == "reference")
 
 

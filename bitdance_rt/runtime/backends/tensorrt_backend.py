@@ -68,6 +68,17 @@ def check_runtime(info: dict, flavor: trt_compat.Flavor, gpu: str | None, where,
                           + (" (or auto)" if auto else ""))
 
 
+def require_gpu(device: torch.device) -> None:
+    """Engines run on a CUDA device: a one-line refusal naming the way on a CPU."""
+    if device.type == "cuda":
+        return
+    if not torch.cuda.is_available():  # say it once, not "pass --device cuda"
+        raise EngineError("--backend tensorrt runs on a CUDA GPU and this machine has none; "
+                          "use --backend onnxruntime (the same export) or torch here")
+    raise EngineError("--backend tensorrt runs on a CUDA GPU; pass --device cuda (or use "
+                      "--backend onnxruntime on the CPU)")
+
+
 def bind(ctx, name: str, inputs: dict, outputs: dict, pinned: dict | None = None):
     """Set every input's shape and every tensor's address on the execution context ``ctx`` of
     engine ``name``; returns (aligned copies to keep alive until the engine ran, (output,
@@ -146,15 +157,7 @@ class TensorRTBackend(GraphRuntime):
         self.flavor = trt_compat.load(flavor or info["flavor"])
         gpu = trt_compat.gpu_target(self.device) if self.device.type == "cuda" else None
         check_runtime(info, self.flavor, gpu, d, device_checked=False)
-        if self.device.type != "cuda":
-            import torch
-
-            if not torch.cuda.is_available():  # say it once, not "pass --device cuda"
-                raise EngineError("--backend tensorrt runs on a CUDA GPU and this machine has "
-                                  "none; use --backend onnxruntime (the same export) or torch "
-                                  "here")
-            raise EngineError("--backend tensorrt runs on a CUDA GPU; pass --device cuda (or use "
-                              "--backend onnxruntime on the CPU)")
+        require_gpu(self.device)
         check_runtime(info, self.flavor, gpu, d)
         self.max_steps_per_call = info.get("head_prepare_steps")
         self.cuda_graphs = cuda_graphs
