@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..errors import BitDanceError, CheckpointError
 from ..files import check_output_dir, is_plain_name, read_json, staged_directory
 from ..models.quant import FORMATS, LAYOUT_FILE, LAYOUT_FORMAT, read_layout, quantize_codes
-from .recipes import HEAD, LLM, Recipe, get_recipe, quantized_names
+from .recipes import HEAD, LLM, TRANSFORMER, Recipe, get_recipe, quantized_names
 from .stats import Calibration
 
 HEAD_FILE = "vision_head.safetensors"
@@ -182,6 +183,62 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
     return layout
 
 
+def quantize_imagenet(ckpt_dir, recipe_name: str, out_dir,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """The ``recipe_name`` quantization of a converted ImageNet-family directory: its
+    transformer's and head's layers of :data:`~.recipes.LAYER_RULES` in ``model.safetensors``,
+    the autoencoder and ``bitdance_rt.json`` copied, ``quantization.json`` beside them.
+    Weight-only recipes: the activation recipes' statistics come from text prompts
+    (``calibrate``), which this family does not take."""
+    from ..checkpoint import weights_fingerprint
+    from ..imagenet import checkpoint as imagenet_checkpoint
+    from ..imagenet.transformer import ClassConditionalTransformer
+
+    recipe = get_recipe(recipe_name)
+    src, out = Path(ckpt_dir), Path(out_dir)
+    spec, _ = imagenet_checkpoint.read_info(src)
+    if read_layout(src) is not None:
+        raise BitDanceError(f"{src} is already quantized; quantize the float checkpoint it was "
+                            "made from")
+    if recipe.needs_calibration:
+        raise BitDanceError(f"recipe {recipe.name} quantizes activations with statistics that "
+                            "`bitdance-export calibrate` collects over text prompts; for the "
+                            "class-conditional ImageNet family use fp8-weight or int8-weight")
+    if out.resolve() == src.resolve():
+        raise BitDanceError("--out must be another directory than --checkpoint")
+    files = imagenet_checkpoint.weight_files(src)
+    check_output_dir(out, "quantized checkpoint", LAYOUT_FILE, quantized_files,
+                     size=sum(f.stat().st_size for f in files if f.is_file()))
+    say = progress or (lambda line: None)
+    with torch.device("meta"):
+        transformer = ClassConditionalTransformer(spec)
+    names = {TRANSFORMER: set(quantized_names(TRANSFORMER, transformer)),
+             HEAD: set(quantized_names(HEAD, transformer.head))}
+    in_file = names[TRANSFORMER] | {f"head.{n}" for n in names[HEAD]}
+    model_file = src / imagenet_checkpoint.MODEL_FILE
+    t0 = time.perf_counter()
+    with staged_directory(out, quantized_files, "quantized checkpoint") as stage:
+        _convert_file(model_file, stage / model_file.name, in_file, recipe, None, TRANSFORMER,
+                      _file_float_dtype(model_file, torch.float32))
+        say(f"{model_file.name}: quantized")
+        for item in sorted(src.iterdir()):  # the autoencoder, bitdance_rt.json
+            if item.name != model_file.name and item.is_file() and not item.name.startswith("."):
+                shutil.copy2(item, stage / item.name)
+        layout = {
+            "format": LAYOUT_FORMAT, "recipe": recipe.name, "summary": recipe.summary,
+            "source": {"path": str(src.resolve()), "weights_fingerprint":
+                       weights_fingerprint(src, files=files), "config_hash": spec.config_hash()},
+            "calibration": None,
+            "modules": {comp: {n: _module_entry(recipe) for n in sorted(ns)}
+                        for comp, ns in names.items()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        layout["files"] = sorted({p.name for p in stage.iterdir()} | {LAYOUT_FILE})
+        (stage / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+    say(f"wrote {out} ({recipe.name}) in {time.perf_counter() - t0:.1f}s")
+    return layout
+
+
 def quantized_files(d: Path, writes=frozenset()) -> set:
     """The entries of a quantized checkpoint that ``quantize`` wrote (its layout lists them;
     one written before the list was kept: every visible file). A layout that cannot be read
@@ -212,6 +269,14 @@ def _file_float_dtype(path: Path, default):
     return default
 
 
+def model_parts(model) -> list[tuple[str, nn.Module]]:
+    """(component, module) of every part a recipe quantizes: a text-to-image model's LLM and
+    head, or an ImageNet model's transformer and its head."""
+    if getattr(model, "transformer", None) is not None:
+        return [(TRANSFORMER, model.transformer), (HEAD, model.transformer.head)]
+    return [(LLM, model.llm), (HEAD, model.head)]
+
+
 @torch.no_grad()
 def quantize_model(model, recipe_name: str, calibration: Calibration | None = None,
                    placeholder_stats: bool = False):
@@ -225,7 +290,7 @@ def quantize_model(model, recipe_name: str, calibration: Calibration | None = No
     recipe = get_recipe(recipe_name)
     if recipe.needs_calibration and calibration is None and not placeholder_stats:
         raise BitDanceError(f"recipe {recipe.name} needs calibration statistics")
-    for component, module in ((LLM, model.llm), (HEAD, model.head)):
+    for component, module in model_parts(model):
         for name in quantized_names(component, module):
             parent_name, _, leaf = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module

@@ -27,7 +27,11 @@ from torch import nn
 from ..errors import BitDanceError
 
 LLM, HEAD, PROJECTOR, DECODER = "language model", "diffusion head", "projector", "decoder"
-COMPONENTS = (LLM, HEAD, PROJECTOR, DECODER)
+TRANSFORMER = "class-conditional transformer"  # the ImageNet family's AR model (its head: HEAD)
+COMPONENTS = (LLM, HEAD, PROJECTOR, DECODER, TRANSFORMER)
+# Submodules that are a component of their own: the ImageNet transformer holds its head as
+# ``head`` (rules of HEAD, names relative to it).
+OWN_COMPONENT = {TRANSFORMER: ("head.", HEAD)}
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,12 @@ LAYER_RULES = (
     (HEAD, r"net\.final_layer\.linear", False,
      "output layer: its 32 outputs are the x_0 prediction itself (C x 32: tiny)"),
     (PROJECTOR, r"fc[12]", False, "0.2% of the LLM's bytes; its input is +-1 tokens"),
+    (TRANSFORMER, r"layers\.\d+\.attention\.(wqkv|wo)", True,
+     "ImageNet family: attention projections, read every AR step"),
+    (TRANSFORMER, r"layers\.\d+\.feed_forward\.(w1|w2|w3)", True,
+     "ImageNet family: MLP, most of the transformer's bytes, read every AR step"),
+    (TRANSFORMER, r"proj_in\.(w1|w2)", False,
+     "ImageNet family: token input projection, its input is +-1 tokens (K = 32: tiny)"),
 )
 # Never quantized: embeddings (a lookup), every norm, the autoencoder's decoder (convolutions,
 # 0.5 GB read once per image) and everything that is not a Linear layer.
@@ -110,9 +120,11 @@ def choose(component: str, name: str) -> LayerChoice:
 
 
 def linear_choices(component: str, module: nn.Module) -> list[LayerChoice]:
-    """The decision for every Linear layer of ``module`` (one component)."""
+    """The decision for every Linear layer of ``module`` (one component; a submodule that is a
+    component of its own, :data:`OWN_COMPONENT`, is left to its rules)."""
+    skip = OWN_COMPONENT.get(component, (None,))[0]
     return [choose(component, name) for name, m in module.named_modules()
-            if isinstance(m, nn.Linear)]
+            if isinstance(m, nn.Linear) and not (skip and name.startswith(skip))]
 
 
 def quantized_names(component: str, module: nn.Module) -> list[str]:

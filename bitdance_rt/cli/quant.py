@@ -85,12 +85,21 @@ def quantize_cmd(
     """Write a quantized checkpoint (same layout; quantized weights with their scales and a
     quantization.json) that `bitdance-rt generate` and `bitdance-export` load like any
     checkpoint."""
-    from ..calibration.quantize import quantize_checkpoint
+    from ..calibration.quantize import quantize_checkpoint, quantize_imagenet
+    from ..checkpoint import family_of
+    from ..errors import BitDanceError
 
-    layout = quantize_checkpoint(checkpoint, recipe, out, calibration, progress=typer.echo)
+    if family_of(checkpoint) == "imagenet":
+        if calibration is not None:
+            raise BitDanceError("--calibration: the ImageNet family takes the weight-only "
+                                "recipes (fp8-weight, int8-weight), which need none; leave it out")
+        layout = quantize_imagenet(checkpoint, recipe, out, progress=typer.echo)
+    else:
+        layout = quantize_checkpoint(checkpoint, recipe, out, calibration, progress=typer.echo)
     counts = ", ".join(f"{len(v)} {k} layers" for k, v in layout["modules"].items())
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-    typer.echo(f"{recipe}: quantized {counts}; {out} holds {size / 1e9:.2f} GB")
+    held = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    typer.echo(f"{recipe}: quantized {counts}; {out} holds {held}")
 
 
 @rt_app.command("memory", cls=Command)

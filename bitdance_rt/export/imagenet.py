@@ -31,6 +31,7 @@ from .. import dtypes
 from ..errors import BitDanceError
 from ..files import staged_directory
 from ..manifest import export_files, tool_versions, write_manifest
+from . import qdq
 from .common import OPSET, GraphDef, check_out_dir, dim, export_dtype, write_graphs
 from .decoder import DecoderGraph
 from .head_prepare import HeadPrepare
@@ -198,7 +199,9 @@ def export_checkpoint(checkpoint, out_dir, *, dtype: str = "fp32",
     say(f"loaded {ckpt} ({configs.name}, {dtype}) in {time.perf_counter() - t0:.1f}s")
     spec = model.spec
     with torch.no_grad(), staged_directory(out, export_files, "export") as stage:
-        written = write_graphs(graph_defs(model), GRAPHS, stage, OPSET, {}, say)
+        opset = qdq.required_opset(model, OPSET)  # 19 for a quantized checkpoint's Q/DQ
+        written = write_graphs(graph_defs(model), GRAPHS, stage, opset,
+                               qdq.onnx_translation_table(), say)
         manifest = {
             "family": "imagenet",
             "preset": configs.name,
@@ -206,8 +209,9 @@ def export_checkpoint(checkpoint, out_dir, *, dtype: str = "fp32",
             "weights_fingerprint": weights_fingerprint(ckpt, files=weight_files(ckpt)),
             "parallel_num": spec.parallel_num,
             "dtype": dtypes.short_name(torch_dtype),
-            "opset": OPSET,
+            "opset": opset,
             "attention": "standard",
+            "quantization": sorted(qdq.quantized_formats(model)) or None,
             "limits": {"max_batch": max_batch, "max_rows": 2 * max_batch,
                        "max_seq": spec.max_len},
             # the next_step graph's past lengths (the engines' profile)

@@ -27,7 +27,8 @@ def quantized_formats(model) -> set[str]:
     "fp8-activations" / "int8-activations" where activations are quantized too (empty: a
     float model). Recorded in the manifest (ONNX Runtime needs basic optimizations for E4M3
     activations, and ``check`` one quantization step of tolerance for any)."""
-    parts = [p for p in (getattr(model, "llm", None), getattr(model, "head", None)) if p]
+    parts = [p for p in (getattr(model, "llm", None), getattr(model, "head", None),
+                         getattr(model, "transformer", None)) if p is not None]
     out = set()
     for p in parts:
         for m in p.modules():

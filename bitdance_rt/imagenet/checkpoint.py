@@ -102,9 +102,15 @@ def load(path, dtype=torch.float32, device="cpu", weights: bool = True) -> Image
                           info.get("source", {}))
     if not weights:
         return model
+    from ..calibration.recipes import HEAD, TRANSFORMER
+    from ..models.quant import read_layout, swap_modules
+
+    layout = read_layout(d)  # a quantized checkpoint (`bitdance-export quantize`) or None
     with torch.device("meta"):
         transformer = ClassConditionalTransformer(spec)
         ae = BinaryAutoencoder(spec.ae)
+        swap_modules(transformer, layout, TRANSFORMER)
+        swap_modules(transformer.head, layout, HEAD)
     _load_file(d / MODEL_FILE, transformer, dtype, device, "model")
     _load_file(d / AE_FILE, ae, dtype, device, "autoencoder", skip="encoder.")
     ae.encoder = None
@@ -139,7 +145,9 @@ def _load_file(path: Path, module, dtype, device, what: str, skip: str | None = 
             except Exception as e:
                 raise CheckpointError(f"{path} cannot be read ({e}); the file is damaged or "
                                       "incomplete: convert again") from None
-            state[k] = tensor.to(device=device, dtype=dtype)
+            # quantized codes (E4M3, int8) keep their dtype; every float tensor takes ``dtype``
+            keep = tensor.dtype in (torch.int8, torch.float8_e4m3fn)
+            state[k] = tensor.to(device=device, dtype=None if keep else dtype)
     module.load_state_dict(state, strict=skip is None, assign=True)
 
 

@@ -163,13 +163,18 @@ def _parts(seed, batch: int) -> list[tuple[int, int]]:
 def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, seed,
                     backend="torch",
                     on_step: Callable[[int, int], None] | None = None,
-                    timer=None) -> torch.Tensor:
+                    timer=None, forced: torch.Tensor | None = None,
+                    fed: list | None = None) -> torch.Tensor:
     """The +-1 tokens ``[B, h*w, latent]`` (token order) of ``labels`` (see the module
     docstring). ``seed``: an int, or ``(seed, images)`` per request (consecutive labels): each
     request draws from its own generator exactly what it draws alone. ``backend``: a name of
     ``BACKENDS`` or a runner (:func:`steps_for`). ``timer``: a
     :class:`~bitdance_rt.runtime.timing.StageTimer` whose stages (``prefill``: the class tokens,
-    ``block_step``: every later AR step, ``head``) the run is timed in."""
+    ``block_step``: every later AR step, ``head``) the run is timed in. Teacher forcing (each
+    step's prediction from another run's context, what quantization is judged by): ``fed``, a
+    list, receives the tokens each step feeds back (every row, ``[rows, P, latent]``);
+    ``forced``, their concatenation ``[rows, h*w, latent]`` from another run, is fed back
+    instead of the sampled tokens."""
     runner = steps_for(model, backend) if isinstance(backend, str) else backend
     stage = timer.stage if timer is not None else (lambda name: contextlib.nullcontext())
     spec, device = model.spec, model.device
@@ -205,6 +210,11 @@ def generate_tokens(model: ImageNetModel, labels, steps: int, guidance: float, s
                 x = runner.sample(cond, noise, g, times, coeffs)
             tokens = torch.sign(tile_rows(x, rows))
             out.append(tokens[:batch])
+            if forced is not None:  # the next step sees the given block instead
+                p = spec.parallel_num
+                tokens = forced[:, k * p:(k + 1) * p].to(tokens)
+            if fed is not None:
+                fed.append(tokens)
             if on_step:
                 on_step(k + 1, spec.num_blocks)
     finally:
