@@ -126,7 +126,7 @@ step attention 60 "$PY" bench/attention.py "${DEV[@]}" "${ATTN[@]}" --json "$OUT
 # not have, and under which a missing file passes as "no tests ran")
 step pytest_gpu 60 "$PY" -m pytest -v -rs -m gpu -p no:cacheprovider -o addopts= \
   tests/test_attention_attention.py tests/test_runtime.py tests/test_quant.py \
-  tests/test_gpu_readiness.py
+  tests/test_gpu_readiness.py tests/test_imagenet_export.py
 step agreement 50 "$PY" bench/agreement.py "${DEV[@]}" "${AGREE[@]}" --json "$OUT/agreement.json"
 step throughput 65 "$PY" bench/throughput.py "${DEV[@]}" "${TPUT[@]}" --dtype bfloat16 \
   --runners torch,reference --warmup 1 --repeats 1 --json "$OUT/throughput.json"

@@ -109,7 +109,7 @@ def test_generate_cli_runs_the_export(export4, ckpt4, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def engines4(export4, tmp_path_factory):
+def engines4(request, tmp_path_factory):
     """A copy of the export with engines built for it (TensorRT-RTX on a CPU machine; with
     BITDANCE_TRT=tensorrt on a GPU machine, engines for its GPU)."""
     from bitdance_rt import trt as trt_compat
@@ -118,6 +118,7 @@ def engines4(export4, tmp_path_factory):
         trt_compat.load()
     except Exception as e:  # noqa: BLE001 - the reason is printed
         pytest.skip(f"no TensorRT to build with: {e}")
+    export4 = request.getfixturevalue("export4")  # only once engines can be built
     copy = tmp_path_factory.mktemp("in4e") / "export"
     shutil.copytree(export4, copy)
     r = CliRunner().invoke(export_app, ["build", str(copy)])
