@@ -333,7 +333,9 @@ def test_generate_cli_errors(tiny_dirs, tmp_path, tiny_ckpt):
     one_line_error(_gen("-c", ckpt, "--class", "1", "--backend", "onnxruntime", "--out", out),
                    "--export-dir")
     one_line_error(_gen("-c", ckpt, "--class", "1", "--backend", "tensorrt", "--out", out),
-                   "torch, reference, onnxruntime")
+                   "--export-dir")
+    one_line_error(_gen("-c", ckpt, "--class", "1", "--backend", "onnx", "--out", out),
+                   "torch, reference, onnxruntime, tensorrt")
     one_line_error(_gen("-c", ckpt, "--class", "1", "--guidance", "0.5", "--out", out),
                    "guidance")
     assert not list(tmp_path.glob("*.png"))

@@ -214,17 +214,22 @@ def test_refusals(export4, ckpt4, tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("seed", [8])
-def test_the_head_loop_graph_gives_the_eager_tokens(ckpt4, seed):
-    """The torch runner's captured head loop (its CUDA-graph code path, run on the CPU through
-    the graph stand-in, which also refuses what a capture cannot hold) gives exactly the eager
-    tokens, with the guidance schedule changing every AR step and several requests."""
+def test_the_head_loop_and_step_graphs_give_the_eager_tokens(ckpt4, seed):
+    """The torch runner's captured head loops and transformer steps (their CUDA-graph code
+    path, run on the CPU through the graph stand-in, which also refuses what a capture cannot
+    hold) give exactly the eager tokens, with the guidance schedule changing every AR step and
+    several requests: the run that captures, a replaying run with other labels and seeds on
+    the same cache, and a run of another batch size (a new cache and new graphs)."""
     rng = np.random.default_rng(seed)
     model = checkpoint.load(ckpt4)
+    blocks = model.spec.num_blocks
     for guidance in (1.0, float(rng.uniform(1.5, 5.0))):
-        labels = rng.integers(0, 10, 3).tolist()
-        seeds = [(int(rng.integers(0, 2**31)), 2), (int(rng.integers(0, 2**31)), 1)]
-        want = sample.generate_tokens(model, labels, 3, guidance, seeds)
         runner = sample.TorchSteps(model, emulate_graphs=True)
-        got = sample.generate_tokens(model, labels, 3, guidance, seeds, runner)
-        assert torch.equal(want, got), f"seed {seed}, guidance {guidance}"
-        assert len(runner._loops) == (2 if guidance > 1 else 1)  # k = 0 samples both halves
+        for n in (3, 3, 2):
+            labels = rng.integers(0, 10, n).tolist()
+            seeds = [(int(rng.integers(0, 2**31)), n - 1), (int(rng.integers(0, 2**31)), 1)]
+            want = sample.generate_tokens(model, labels, 3, guidance, seeds)
+            got = sample.generate_tokens(model, labels, 3, guidance, seeds, runner)
+            assert torch.equal(want, got), f"seed {seed}, guidance {guidance}, batch {n}"
+            assert len(runner._steps) == blocks - 1  # one graph per transformer step k >= 1
+        assert len(runner._loops) == 2 * (2 if guidance > 1 else 1)  # k = 0 samples both halves

@@ -55,9 +55,10 @@ class TorchSteps:
 
     def __init__(self, model: ImageNetModel, reference: bool = False,
                  cuda_graphs: bool | None = None, emulate_graphs: bool = False):
-        """``cuda_graphs``: replay each AR step's head sampling loop as a CUDA graph (default:
-        on CUDA, torch backend); ``emulate_graphs`` runs that code path on the CPU through
-        the graph stand-in (:class:`bitdance_rt.runtime.graphs.RecordedGraph`, for tests)."""
+        """``cuda_graphs``: replay each AR step's head sampling loop, and each transformer step
+        k >= 1, as CUDA graphs (default: on CUDA, torch backend); ``emulate_graphs`` runs that
+        code path on the CPU through the graph stand-in
+        (:class:`bitdance_rt.runtime.graphs.RecordedGraph`, for tests)."""
         self.model, self.reference = model, reference
         self.name = "reference" if reference else "torch"
         self.net = model.transformer
@@ -65,15 +66,31 @@ class TorchSteps:
         self.emulate = emulate_graphs
         self.graphs = not reference and (emulate_graphs or (on_cuda and cuda_graphs is not False))
         self._loops = {}
+        self._steps = {}       # k -> StepGraph, for the cache of ``self._rows`` rows
+        self._rows = None      # the rows of the cache the step graphs write into
 
     def start(self, rows: int) -> None:
+        layers = self.net.layers
+        if self.graphs and self._rows == rows:
+            # the step graphs' own cache (another runner of this model may have set its own
+            # since): every position of a run is written before it is read
+            for layer, cache in zip(layers, self._caches):
+                layer.attention.cache = cache
+            return
         self.net.setup_cache(rows)
+        self._steps, self._rows = {}, rows if self.graphs else None
+        self._caches = [layer.attention.cache for layer in layers] if self.graphs else None
 
     def first(self, labels: torch.Tensor) -> torch.Tensor:
         return self.net.head_condition(self.net.first_step(labels), 0)
 
     def next(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
-        return self.net.head_condition(self.net.next_step(tokens, k), k)
+        if not self.graphs:
+            return self.net.head_condition(self.net.next_step(tokens, k), k)
+        if k not in self._steps:  # capturing runs this step (twice: idempotent)
+            self._steps[k] = StepGraph(self, tokens, k)
+            return self._steps[k].graph.out.clone()
+        return self._steps[k](tokens)
 
     def sample(self, cond, noise, guidance, times, coeffs) -> torch.Tensor:
         head, dtype = self.net.head.net, self.model.dtype
@@ -93,7 +110,10 @@ class TorchSteps:
         return to_uint8(model.ae.decode(latent.to(model.dtype)))
 
     def finish(self) -> None:
-        self.net.clear_cache()  # its memory is not kept between runs
+        if not self.graphs:
+            self.net.clear_cache()  # its memory is not kept between runs
+        # with graphs, the cache stays for the next run of as many rows (its captured steps
+        # write into it); another row count makes a new cache and new step graphs
 
     def metering(self, meter):
         """Count into ``meter`` the model calls (a transformer step, a head evaluation, a
@@ -105,6 +125,27 @@ class TorchSteps:
         return watch_modules(meter, (self.net, self.model.ae),
                              (self.net.emb_norm, self.net.head.net.input_proj,
                               self.model.ae.decoder))
+
+
+class StepGraph:
+    """Transformer step ``k`` (k >= 1: the previous step's tokens in, the head condition out)
+    as one captured graph: its cache positions, position rows and mask are fixed per k, so
+    each k is a graph of its own over the one cache; the tokens are copied into its buffer
+    before each replay."""
+
+    def __init__(self, steps: TorchSteps, tokens: torch.Tensor, k: int):
+        from ..runtime import graphs
+
+        net = steps.net
+        self.tokens = tokens.clone()
+        self.graph = graphs.capture(
+            lambda: net.head_condition(net.next_step(self.tokens, k), k),
+            emulate=steps.emulate, device=None if steps.emulate else tokens.device)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.graph.out.clone()
 
 
 class HeadLoop:
