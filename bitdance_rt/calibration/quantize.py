@@ -79,11 +79,11 @@ def quantize_linear(weight: torch.Tensor, recipe: Recipe, stats=None) -> dict:
     return out
 
 
-def _module_entry(recipe: Recipe) -> dict:
+def module_entry(recipe: Recipe) -> dict:
     return {"format": recipe.fmt, "activation": recipe.activation, "smooth": recipe.smooth}
 
 
-def _convert_file(src: Path, dst: Path, names: set, recipe: Recipe, calib, component: str,
+def convert_file(src: Path, dst: Path, names: set, recipe: Recipe, calib, component: str,
                   float_dtype) -> dict:
     """Write ``dst`` from ``src``: the weights of ``names`` quantized, the rest copied (every
     tensor checked for NaN and infinity first); returns key -> file name of what was written."""
@@ -146,8 +146,8 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
     with staged_directory(out, quantized_files, "quantized checkpoint") as stage:
         weight_map = {}
         for f in llm_files:
-            weight_map.update(_convert_file(f, stage / f.name, names[LLM], recipe, calib, LLM,
-                                            _file_float_dtype(f, float_dtype)))
+            weight_map.update(convert_file(f, stage / f.name, names[LLM], recipe, calib, LLM,
+                                            file_float_dtype(f, float_dtype)))
             say(f"{f.name}: quantized")
         index = src / "model.safetensors.index.json"
         if index.is_file():
@@ -156,86 +156,40 @@ def quantize_checkpoint(ckpt_dir, recipe_name: str, out_dir, calibration=None,
             data.setdefault("metadata", {})["total_size"] = sum(
                 (stage / f).stat().st_size for f in set(weight_map.values()))
             (stage / index.name).write_text(json.dumps(data, indent=2))
-        _convert_file(src / HEAD_FILE, stage / HEAD_FILE, names[HEAD], recipe, calib, HEAD,
-                      _file_float_dtype(src / HEAD_FILE, float_dtype))
+        convert_file(src / HEAD_FILE, stage / HEAD_FILE, names[HEAD], recipe, calib, HEAD,
+                      file_float_dtype(src / HEAD_FILE, float_dtype))
         say(f"{HEAD_FILE}: quantized")
         written = set(weight_map.values()) | {HEAD_FILE, index.name}
         for item in sorted(src.iterdir()):  # configs, tokenizer, autoencoder, projector
             if item.name not in written and item.is_file() and not item.name.startswith("."):
                 shutil.copy2(item, stage / item.name)
-        layout = {
-            "format": LAYOUT_FORMAT, "recipe": recipe.name, "summary": recipe.summary,
-            "source": {"path": str(src.resolve()), "weights_fingerprint":
-                       weights_fingerprint(src), "config_hash": spec.config_hash()},
-            "calibration": None if calib is None else {
-                **{k: calib.meta.get(k) for k in ("prompts_sha256", "samples", "steps",
-                                                  "height", "width", "guidance", "seed",
-                                                  "created")},
-                "sha256": calib.sha256},  # the file's content hash, verified when it was read
-            "modules": {comp: {n: _module_entry(recipe) for n in sorted(ns)}
-                        for comp, ns in names.items()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        # every file written, so that replacing this output later keeps anything else
-        layout["files"] = sorted({p.name for p in stage.iterdir()} | {LAYOUT_FILE})
-        (stage / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+        calibration_entry = None if calib is None else {
+            **{k: calib.meta.get(k) for k in ("prompts_sha256", "samples", "steps", "height",
+                                              "width", "guidance", "seed", "created")},
+            "sha256": calib.sha256}  # the file's content hash, verified when it was read
+        layout = write_layout(stage, recipe, src, weights_fingerprint(src), spec.config_hash(),
+                              calibration_entry, names)
     say(f"wrote {out} ({recipe.name}) in {time.perf_counter() - t0:.1f}s")
     return layout
 
 
-def quantize_imagenet(ckpt_dir, recipe_name: str, out_dir,
-                      progress: Callable[[str], None] | None = None) -> dict:
-    """The ``recipe_name`` quantization of a converted ImageNet-family directory: its
-    transformer's and head's layers of :data:`~.recipes.LAYER_RULES` in ``model.safetensors``,
-    the autoencoder and ``bitdance_rt.json`` copied, ``quantization.json`` beside them.
-    Weight-only recipes: the activation recipes' statistics come from text prompts
-    (``calibrate``), which this family does not take."""
-    from ..checkpoint import weights_fingerprint
-    from ..imagenet import checkpoint as imagenet_checkpoint
-    from ..imagenet.transformer import ClassConditionalTransformer
-
-    recipe = get_recipe(recipe_name)
-    src, out = Path(ckpt_dir), Path(out_dir)
-    spec, _ = imagenet_checkpoint.read_info(src)
-    if read_layout(src) is not None:
-        raise BitDanceError(f"{src} is already quantized; quantize the float checkpoint it was "
-                            "made from")
-    if recipe.needs_calibration:
-        raise BitDanceError(f"recipe {recipe.name} quantizes activations with statistics that "
-                            "`bitdance-export calibrate` collects over text prompts; for the "
-                            "class-conditional ImageNet family use fp8-weight or int8-weight")
-    if out.resolve() == src.resolve():
-        raise BitDanceError("--out must be another directory than --checkpoint")
-    files = imagenet_checkpoint.weight_files(src)
-    check_output_dir(out, "quantized checkpoint", LAYOUT_FILE, quantized_files,
-                     size=sum(f.stat().st_size for f in files if f.is_file()))
-    say = progress or (lambda line: None)
-    with torch.device("meta"):
-        transformer = ClassConditionalTransformer(spec)
-    names = {TRANSFORMER: set(quantized_names(TRANSFORMER, transformer)),
-             HEAD: set(quantized_names(HEAD, transformer.head))}
-    in_file = names[TRANSFORMER] | {f"head.{n}" for n in names[HEAD]}
-    model_file = src / imagenet_checkpoint.MODEL_FILE
-    t0 = time.perf_counter()
-    with staged_directory(out, quantized_files, "quantized checkpoint") as stage:
-        _convert_file(model_file, stage / model_file.name, in_file, recipe, None, TRANSFORMER,
-                      _file_float_dtype(model_file, torch.float32))
-        say(f"{model_file.name}: quantized")
-        for item in sorted(src.iterdir()):  # the autoencoder, bitdance_rt.json
-            if item.name != model_file.name and item.is_file() and not item.name.startswith("."):
-                shutil.copy2(item, stage / item.name)
-        layout = {
-            "format": LAYOUT_FORMAT, "recipe": recipe.name, "summary": recipe.summary,
-            "source": {"path": str(src.resolve()), "weights_fingerprint":
-                       weights_fingerprint(src, files=files), "config_hash": spec.config_hash()},
-            "calibration": None,
-            "modules": {comp: {n: _module_entry(recipe) for n in sorted(ns)}
-                        for comp, ns in names.items()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        layout["files"] = sorted({p.name for p in stage.iterdir()} | {LAYOUT_FILE})
-        (stage / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
-    say(f"wrote {out} ({recipe.name}) in {time.perf_counter() - t0:.1f}s")
+def write_layout(stage: Path, recipe: Recipe, src: Path, fingerprint: str, config_hash: str,
+                 calibration: dict | None, names: dict) -> dict:
+    """Write ``quantization.json`` into ``stage`` (the other files already there): the recipe,
+    the float checkpoint it came from, the calibration used and every quantized module per
+    component; returns it."""
+    layout = {
+        "format": LAYOUT_FORMAT, "recipe": recipe.name, "summary": recipe.summary,
+        "source": {"path": str(src.resolve()), "weights_fingerprint": fingerprint,
+                   "config_hash": config_hash},
+        "calibration": calibration,
+        "modules": {comp: {n: module_entry(recipe) for n in sorted(ns)}
+                    for comp, ns in names.items()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    # every file written, so that replacing this output later keeps anything else
+    layout["files"] = sorted({p.name for p in stage.iterdir()} | {LAYOUT_FILE})
+    (stage / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
     return layout
 
 
@@ -256,7 +210,7 @@ def quantized_files(d: Path, writes=frozenset()) -> set:
             and not p.name.startswith(".")}
 
 
-def _file_float_dtype(path: Path, default):
+def file_float_dtype(path: Path, default):
     """The float dtype a file stores its weights in (scales are written in the same dtype;
     the released files are bfloat16, make-tiny's float32)."""
     from ..checkpoint import open_safetensors

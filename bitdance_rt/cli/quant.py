@@ -85,7 +85,7 @@ def quantize_cmd(
     """Write a quantized checkpoint (same layout; quantized weights with their scales and a
     quantization.json) that `bitdance-rt generate` and `bitdance-export` load like any
     checkpoint."""
-    from ..calibration.quantize import quantize_checkpoint, quantize_imagenet
+    from ..calibration.quantize import quantize_checkpoint
     from ..checkpoint import family_of
     from ..errors import BitDanceError
 
@@ -93,6 +93,8 @@ def quantize_cmd(
         if calibration is not None:
             raise BitDanceError("--calibration: the ImageNet family takes the weight-only "
                                 "recipes (fp8-weight, int8-weight), which need none; leave it out")
+        from ..imagenet.quantize import quantize as quantize_imagenet
+
         layout = quantize_imagenet(checkpoint, recipe, out, progress=typer.echo)
     else:
         layout = quantize_checkpoint(checkpoint, recipe, out, calibration, progress=typer.echo)

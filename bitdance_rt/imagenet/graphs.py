@@ -26,7 +26,7 @@ import torch
 from ..errors import EngineError
 from .. import dtypes
 from ..manifest import (GRAPH_INPUTS, IMAGENET_GRAPHS, check_engines, check_files, check_model,
-                        check_weights, engine_file, find_engine_dir, graph_file, read_engines,
+                        check_weights, find_engine_dir, graph_file, read_engines,
                         read_manifest)
 from ..models.posemb import tokens_to_latent
 from ..runtime.backends.onnxruntime_backend import load_session, providers_for, run_bound
@@ -166,7 +166,7 @@ class EngineSteps(GraphSteps):
 
     def __init__(self, model: ImageNetModel, engine_dir, flavor: str | None = None):
         from .. import trt as trt_compat
-        from ..runtime.backends.tensorrt_backend import check_runtime, require_gpu
+        from ..runtime.backends.tensorrt_backend import check_runtime, load_engines, require_gpu
 
         if engine_dir is None:
             raise EngineError("--backend tensorrt needs --export-dir: an export with its engines "
@@ -185,40 +185,22 @@ class EngineSteps(GraphSteps):
         self._bytes = {n: info["engines"][n]["bytes"] for n in IMAGENET_GRAPHS}
         # -- CUDA work starts here --
         with torch.cuda.device(self.device):
-            self._logger = self.flavor.logger()
-            self.runtime = self.flavor.trt.Runtime(self._logger)
-            self.engines, self.contexts = {}, {}
-            for name in IMAGENET_GRAPHS:
-                path = engine_file(info, d, name)  # checked, then loaded
-                engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-                if engine is None:
-                    raise EngineError(f"{self.flavor.label} cannot load engine {path} on this "
-                                      f"GPU; rebuild it with `bitdance-export build` for "
-                                      f"{self.device}")
-                names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-                if not GRAPH_INPUTS[name] <= names:
-                    raise EngineError(f"{path} is not this version's {name} engine; re-export "
-                                      "and rebuild the engines")
-                self.engines[name] = engine
-                self.contexts[name] = engine.create_execution_context()
+            self._logger, self.runtime, self.engines, self.contexts = load_engines(
+                self.flavor, info, d, IMAGENET_GRAPHS, self.device, self._check_inputs)
             self._stream = torch.cuda.Stream(self.device)
 
+    @staticmethod
+    def _check_inputs(name: str, names: set, path) -> None:
+        if not GRAPH_INPUTS[name] <= names:
+            raise EngineError(f"{path} is not this version's {name} engine; re-export and "
+                              "rebuild the engines")
+
     def _run(self, name: str, inputs: dict, outputs: dict) -> dict:
-        from ..runtime.backends.tensorrt_backend import bind, engine_stream
+        from ..runtime.backends.tensorrt_backend import enqueue
 
         inputs = {k: v.to(self.device).contiguous() for k, v in inputs.items()}
-        ctx = self.contexts[name]
-        keep, back = bind(ctx, name, inputs, outputs)
-        with torch.cuda.device(self.device), engine_stream(
-                torch.cuda.current_stream(self.device), torch.cuda.default_stream(self.device),
-                self._stream, torch.cuda.stream) as stream:
-            if not ctx.execute_async_v3(stream.cuda_stream):
-                raise EngineError(f"{self.flavor.label} failed to run the {name} engine (shapes "
-                                  "outside its profile?); re-export with limits that cover this "
-                                  "request and rebuild the engines")
-            for dst, tmp in back:
-                dst.copy_(tmp)
-        del keep, inputs
+        enqueue(self.contexts[name], name, inputs, outputs, self.device, self._stream,
+                self.flavor.label)
         if self.meter is not None:
             self.meter.add(1, self._bytes[name])
         return outputs

@@ -68,6 +68,27 @@ def check_runtime(info: dict, flavor: trt_compat.Flavor, gpu: str | None, where,
                           + (" (or auto)" if auto else ""))
 
 
+def load_engines(flavor, info: dict, engine_dir, names, device, check_inputs):
+    """Deserialize engines ``names`` of ``engine_dir`` (each file checked first,
+    :func:`~bitdance_rt.manifest.engine_file`) on the current device; ``check_inputs(name,
+    tensor names, path)`` refuses an engine of another version. Returns (logger, runtime,
+    engines, execution contexts)."""
+    logger = flavor.logger()
+    runtime = flavor.trt.Runtime(logger)
+    engines, contexts = {}, {}
+    for name in names:
+        path = engine_file(info, engine_dir, name)  # checked, then loaded
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise EngineError(f"{flavor.label} cannot load engine {path} on this GPU; rebuild "
+                              f"it with `bitdance-export build` for {device}")
+        check_inputs(name, {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)},
+                     path)
+        engines[name] = engine
+        contexts[name] = engine.create_execution_context()
+    return logger, runtime, engines, contexts
+
+
 def require_gpu(device: torch.device) -> None:
     """Engines run on a CUDA device: a one-line refusal naming the way on a CPU."""
     if device.type == "cuda":
@@ -144,6 +165,24 @@ def engine_stream(current, default, own, enter=None):
         current.wait_stream(own)
 
 
+def enqueue(ctx, name: str, inputs: dict, outputs: dict, device, own_stream, label: str,
+            pinned: dict | None = None) -> None:
+    """Bind torch tensors by address (:func:`bind`) and enqueue engine ``name`` (execution
+    context ``ctx``) on a non-default stream ordered with torch's work (:func:`engine_stream`;
+    ``own_stream``: the caller's stream for when torch's is the legacy default one)."""
+    keep, back = bind(ctx, name, inputs, outputs, pinned)
+    with torch.cuda.device(device), engine_stream(
+            torch.cuda.current_stream(device), torch.cuda.default_stream(device), own_stream,
+            torch.cuda.stream) as stream:
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise EngineError(f"{label} failed to run the {name} engine (shapes outside its "
+                              "profile?); re-export with limits that cover this request and "
+                              "rebuild the engines")
+        for dst, tmp in back:  # ordered after the engine on the same stream
+            dst.copy_(tmp)
+    del keep  # the engine's reads are ordered before anything queued after this point
+
+
 class TensorRTBackend(GraphRuntime):
     name = "tensorrt"
 
@@ -169,41 +208,15 @@ class TensorRTBackend(GraphRuntime):
         self._head_graphs, self._block_graph = {}, None
 
     def _load_engines(self, d, info) -> None:
-        self._logger = self.flavor.logger()
-        self.runtime = self.flavor.trt.Runtime(self._logger)
-        self.engines, self.contexts = {}, {}
-        for name in GRAPHS:
-            path = engine_file(info, d, name)  # checked, then loaded
-            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
-            if engine is None:
-                raise EngineError(f"{self.flavor.label} cannot load engine {path} on this GPU; "
-                                  f"rebuild it with `bitdance-export build` for {self.device}")
-            names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
-            self.check_inputs(name, names, path)
-            self.engines[name] = engine
-            self.contexts[name] = engine.create_execution_context()
+        self._logger, self.runtime, self.engines, self.contexts = load_engines(
+            self.flavor, info, d, GRAPHS, self.device, self.check_inputs)
 
     def _graph_bytes(self, name: str) -> int:
         return self.info["engines"][name]["bytes"]
 
     def _run(self, name: str, inputs: dict, outputs: dict) -> None:
-        """Bind torch tensors by address (:func:`bind`) and enqueue engine ``name`` on a
-        non-default stream ordered with torch's work (:func:`engine_stream`)."""
-        ctx = self.contexts[name]
-        keep, back = bind(ctx, name, inputs, outputs, self._pinned)
-        with torch.cuda.device(self.device), self._engine_stream() as stream:
-            ok = ctx.execute_async_v3(stream.cuda_stream)
-            if not ok:
-                raise EngineError(f"{self.flavor.label} failed to run the {name} engine (shapes "
-                                  "outside its profile?); rebuild the engines for this size")
-            for dst, tmp in back:  # ordered after the engine on the same stream
-                dst.copy_(tmp)
-        del keep  # the engine's reads are ordered before anything queued after this point
-
-    def _engine_stream(self):
-        return engine_stream(torch.cuda.current_stream(self.device),
-                             torch.cuda.default_stream(self.device), self._stream,
-                             torch.cuda.stream)
+        enqueue(self.contexts[name], name, inputs, outputs, self.device, self._stream,
+                self.flavor.label, self._pinned)
 
     @contextlib.contextmanager
     def _one_shape_per_input(self):
