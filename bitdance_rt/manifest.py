@@ -347,7 +347,8 @@ def check_engines(info: dict, engine_dir) -> None:
     verify_hashes(d, {MANIFEST: info["export"]["manifest_sha256"]}, "manifest copy",
                   f"the engine directory was modified; {rebuild}")
     hashes = {}
-    for name in graph_names(read_manifest(d)):  # the family's graphs (the copy just checked)
+    copy = read_json(d / MANIFEST, "manifest copy", error=EngineError, fix=rebuild)
+    for name in graph_names(copy if isinstance(copy, dict) else {}):  # the family's graphs
         entry = info["engines"].get(name)
         if entry is None:
             raise EngineError(f"{d / ENGINES} lists no {name!r} engine; {rebuild}")

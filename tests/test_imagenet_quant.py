@@ -117,6 +117,7 @@ def test_weight_only_recipes_pass_the_gate_and_a_broken_scale_fails_it(ckpt, see
     assert verdict["int8-weight"] is False, (bad, by)
 
 
+@pytest.mark.slow  # 80 s: five graph exports (run with -m slow)
 @pytest.mark.parametrize("seed", [2])
 def test_a_quantized_checkpoint_exports_and_runs_in_onnxruntime(quantized, tmp_path, seed):
     d = quantized["int8-weight"]
