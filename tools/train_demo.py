@@ -654,12 +654,30 @@ def export(cfg: DemoConfig, work: Path, out: Path, dtype: torch.dtype = torch.bf
                             "on a COLOUR background" + (
                                 " (and the wordings of bitdance_rt.demo.shapes.phrase)"
                                 if cfg.captions == "generated" else "")),
-        "training": {"ae_steps": st.get("config", {}).get("ae_steps"),
-                     "ar_steps": st["step"], "ema": use_ema,
-                     "init": str(init) if init is not None else None},
+        "training": training_record(cfg, work, st, use_ema, init),
     }
     (out / "bitdance_rt.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def training_record(cfg: DemoConfig, work: Path, ar_state: dict, use_ema: bool,
+                    init: Path | None) -> dict:
+    """What trained the weights written: this run's steps per stage (the ae stage's from its
+    state in ``work``; none when the autoencoder came from ``init`` unchanged), the captions,
+    and, for a fine-tune, the starting directory and its own record (the lineage)."""
+    ae_path = work / "ae_state.pt"
+    ae = torch.load(ae_path, weights_only=False) if ae_path.is_file() else None
+    record = {"ae_steps": ae["step"] if ae else None,
+              "ae_part": ae.get("config", {}).get("ae_part", "all") if ae else None,
+              "ar_steps": ar_state["step"], "captions": cfg.captions, "ema": use_ema,
+              "init": None}
+    if init is not None:
+        try:
+            parent = json.loads((Path(init) / "bitdance_rt.json").read_text()).get("training")
+        except (OSError, ValueError):
+            parent = None
+        record["init"] = {"path": str(init), "training": parent}
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
